@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything spatialscore needs on a fresh machine: Debian tesseract-ocr, a .venv with the exact pins of
+# launch/constraints.txt, and the package installed editable. Idempotent: when nothing changed it returns in ~1 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+if ! command -v tesseract >/dev/null 2>&1; then
+    echo "[setup] installing Debian tesseract-ocr (the shapes-world oracle reads signs with it)" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q tesseract-ocr >/dev/null 2>&1 || {
+        $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q tesseract-ocr >/dev/null
+    }
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $PYTHON" >&2
+    "$PYTHON" -m venv .venv
+fi
+
+# Reinstall only when the pins or the package metadata changed.
+stamp=".venv/.spatialscore-setup"
+want="$(cat launch/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing pinned packages into .venv (about a minute on a fresh machine)" >&2
+    # torch is pinned in the same pip command: alone, a dependency's plain `torch` would pull a multi-GB CUDA build.
+    .venv/bin/pip install -q --disable-pip-version-check \
+        -c launch/constraints.txt "torch==2.13.0" -e ".[dev]"
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,3 @@
+"""spatialscore: RLHF for spatial reward models."""
+
+__version__ = "0.1.0"

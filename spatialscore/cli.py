@@ -1,0 +1,273 @@
+"""`spatialscore <verb>`: the one command-line entry point.
+
+Human-readable text goes to stderr, results to stdout; `--json` prints machine-readable results. Errors meant for
+people (SpatialScoreError) print as `error: ...` and exit with code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from spatialscore import __version__
+from spatialscore.errors import SpatialScoreError
+
+
+def _example(text: str) -> str:
+    return "example:\n  " + text.strip().replace("\n", "\n  ")
+
+
+def _parser(sub, name: str, help: str, example: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=_example(example),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def _info(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _emit(args, result: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        _info(human)
+    else:
+        print(human)
+
+
+def _recipe_and_overrides(args) -> tuple[str | None, list[str]]:
+    """The optional recipe positional swallows the first override when no recipe is given: give it back."""
+    if args.recipe and "=" in args.recipe and not Path(args.recipe).is_file():
+        return None, [args.recipe, *args.overrides]
+    return args.recipe, list(args.overrides)
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+def cmd_make_prompts(args) -> int:
+    from spatialscore.config import PromptsConfig, load_config
+    from spatialscore.data.prompts import make_prompts
+    from spatialscore.io import atomic_write_text
+
+    flags = [f"{k}={v}" for k, v in (("n", args.n), ("seed", args.seed), ("style", args.style)) if v is not None]
+    recipe, overrides = _recipe_and_overrides(args)
+    cfg = load_config(PromptsConfig, recipe, [*overrides, *flags])
+    records = make_prompts(cfg.n, cfg.seed, cfg.style, cfg.phrasing)
+    out = Path(args.out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    _emit(args, {"out": str(out), "n": len(records)}, f"wrote {len(records)} prompts to {out}")
+    return 0
+
+
+def cmd_make_pairs(args) -> int:
+    from spatialscore.config import PairsConfig, load_config, save_config
+    from spatialscore.data.pairs import PairSpec, make_pairs
+
+    flags = [f"{k}={v}" for k, v in (("n", args.n), ("seed", args.seed)) if v is not None]
+    recipe, overrides = _recipe_and_overrides(args)
+    cfg = load_config(PairsConfig, recipe, [*overrides, *flags])
+    out = Path(args.out) if args.out else _default_out("pairs")
+    spec = PairSpec(cfg.seed, cfg.style, cfg.phrasing, cfg.image_size, cfg.multi_prob)
+    start = time.perf_counter()
+    path = make_pairs(out, cfg.n, spec, workers=cfg.workers or None)
+    save_config(cfg, out)
+    seconds = time.perf_counter() - start
+    _emit(args, {"out": str(path), "n": cfg.n, "seconds": seconds},
+          f"wrote {cfg.n} pairs to {path} in {seconds:.1f} s")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from spatialscore.data.check import render_prompts
+    from spatialscore.data.formats import load_prompts
+
+    prompts = load_prompts(args.prompts)
+    render_prompts(prompts, Path(args.out), seed=args.seed, size=args.size)
+    _emit(args, {"out": args.out, "n": len(prompts)}, f"rendered {len(prompts)} faithful images to {args.out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from spatialscore.data.check import check_pairs, check_prompts, format_report
+    from spatialscore.data.formats import load_pairs, load_prompts
+
+    if bool(args.pairs) == bool(args.prompts):
+        raise SpatialScoreError("data check: give either --prompts FILE --images DIR, or --pairs FILE")
+    if args.pairs:
+        report = check_pairs(load_pairs(args.pairs, on_error=args.on_error), workers=args.workers)
+    else:
+        if not args.images:
+            raise SpatialScoreError("data check: --prompts needs --images DIR")
+        images = Path(args.images)
+        if not images.is_dir():
+            raise SpatialScoreError(f"--images {images}: no such directory")
+        report = check_prompts(load_prompts(args.prompts, on_error=args.on_error), images, workers=args.workers)
+    _emit(args, report, format_report(report))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from spatialscore.data.formats import validate_path
+
+    fmt, n, problems = validate_path(args.path)
+    for problem in problems[: args.max_problems]:
+        _info(str(problem))
+    if len(problems) > args.max_problems:
+        _info(f"... and {len(problems) - args.max_problems} more")
+    summary = f"{args.path}: {fmt}, {n} records, {len(problems)} problem(s)"
+    _emit(args, {"path": args.path, "format": fmt, "records": n, "problems": [str(p) for p in problems]}, summary)
+    return 2 if problems else 0
+
+
+# --- recipes ------------------------------------------------------------------------------------------------------
+
+def cmd_recipes_ls(args) -> int:
+    from spatialscore.config import list_recipes
+
+    rows = list_recipes()
+    if args.json:
+        print(json.dumps([{"name": n, "kind": k, "description": d} for n, k, d in rows], indent=2))
+    else:
+        for name, kind, desc in rows:
+            print(f"{name:<28} {kind:<10} {desc}")
+    return 0
+
+
+def cmd_recipes_cp(args) -> int:
+    from spatialscore.config import copy_recipe
+
+    dest = copy_recipe(args.name, args.dest, force=args.force)
+    _info(f"copied to {dest}")
+    return 0
+
+
+def cmd_recipes_validate(args) -> int:
+    from spatialscore.config import find_recipe, load_config, schema_for, to_yaml
+
+    path = find_recipe(args.recipe)
+    cfg = load_config(schema_for(path), path, args.overrides)
+    _info(f"{path}: valid")
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from spatialscore.demo import run_demo
+
+    result = run_demo(Path(args.out) if args.out else _default_out("demo"), n_prompts=args.prompts, n_pairs=args.pairs)
+    _emit(args, result, result.pop("summary"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spatialscore", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train spatial reward models, fine-tune generators against them, keep leaderboards.",
+        epilog=_example("spatialscore demo --out runs/demo"))
+    parser.add_argument("--version", action="version", version=f"spatialscore {__version__}")
+    parser.add_argument("--json", action="store_true", help="machine-readable results on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
+
+    data = _parser(verbs, "data", "make, render, check and validate shapes-world data",
+                   "spatialscore data make-pairs --out runs/pairs --n 1000 --seed 0")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="<command>", required=True)
+
+    p = _parser(data_verbs, "make-prompts", "write shapes-world prompt metadata (GenEval JSONL format)",
+                "spatialscore data make-prompts --out prompts.jsonl --n 200 --seed 0 --style mixed")
+    p.add_argument("recipe", nargs="?", help="a `kind: prompts` recipe YAML (optional)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--n", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--style", choices=["short", "long", "text", "mixed"])
+    p.set_defaults(func=cmd_make_prompts)
+
+    p = _parser(data_verbs, "make-pairs", "write preference pairs: images/ + pairs.jsonl",
+                "spatialscore data make-pairs --out runs/pairs --n 1000 --seed 0\n"
+                "spatialscore data make-pairs recipes/shapes/pairs.yaml n=500 style=long --out runs/long-pairs")
+    p.add_argument("recipe", nargs="?", help="a `kind: pairs` recipe YAML (optional)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", help="output directory (default runs/pairs-<timestamp>)")
+    p.add_argument("--n", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_make_pairs)
+
+    p = _parser(data_verbs, "render", "render a faithful image for every prompt of a prompt file",
+                "spatialscore data render --prompts prompts.jsonl --out runs/faithful")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_render)
+
+    p = _parser(data_verbs, "check", "judge images (or pairs) with the shapes-world oracle; accuracy per tag",
+                "spatialscore data check --prompts prompts.jsonl --images runs/faithful\n"
+                "spatialscore data check --pairs runs/pairs/pairs.jsonl")
+    p.add_argument("--prompts", help="prompt metadata JSONL")
+    p.add_argument("--images", help="DIR with 00000.png ... or GenEval's 00000/samples/*.png")
+    p.add_argument("--pairs", help="pair file (JSONL, parquet, HF dataset dir) whose records carry `meta`")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.set_defaults(func=cmd_check)
+
+    p = _parser(data_verbs, "validate", "report every bad record of a data file (exit 2 if any)",
+                "spatialscore data validate runs/pairs/pairs.jsonl")
+    p.add_argument("path", help="pairs/prompts JSONL, parquet file or HF dataset directory")
+    p.add_argument("--max-problems", type=int, default=50)
+    p.set_defaults(func=cmd_validate)
+
+    recipes = _parser(verbs, "recipes", "list, copy and validate recipes (science configs)",
+                      "spatialscore recipes validate shapes/pairs n=100")
+    recipe_verbs = recipes.add_subparsers(dest="recipes_verb", metavar="<command>", required=True)
+    p = _parser(recipe_verbs, "ls", "list shipped recipes", "spatialscore recipes ls")
+    p.set_defaults(func=cmd_recipes_ls)
+    p = _parser(recipe_verbs, "cp", "copy a shipped recipe to edit it", "spatialscore recipes cp shapes/pairs my.yaml")
+    p.add_argument("name")
+    p.add_argument("dest")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_recipes_cp)
+    p = _parser(recipe_verbs, "validate", "load a recipe with overrides and print the resolved config",
+                "spatialscore recipes validate recipes/shapes/pairs.yaml n=100 seed=3")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_recipes_validate)
+
+    p = _parser(verbs, "demo", "the shapes world end to end: prompts, faithful images, pairs, oracle reports",
+                "spatialscore demo --out runs/demo --prompts 200 --pairs 500")
+    p.add_argument("--out")
+    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--pairs", type=int, default=500)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # let `--json` and `-v` work after the verb too
+    argv = list(sys.argv[1:] if argv is None else argv)
+    global_flags = [a for a in argv if a in ("--json", "-v", "--verbose")]
+    argv = global_flags + [a for a in argv if a not in global_flags]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except SpatialScoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

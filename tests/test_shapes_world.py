@@ -1,0 +1,100 @@
+"""The shapes world: determinism, prompt structure, rendering, perturbations, and the oracle's accuracy."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from spatialscore.data.clauses import evaluate
+from spatialscore.data.oracle import detect, judge
+from spatialscore.data.pairs import PairSpec, make_pair, make_pairs
+from spatialscore.data.perturb import KINDS, applicable, make_rejected
+from spatialscore.data.prompts import TAGS, make_prompts
+from spatialscore.data.render import render
+from spatialscore.data.scene import Obj, Scene, sample_scene, sample_shade, scene_detections
+from spatialscore.data.vocab import COLORS, RELATIONS, SHAPES
+
+
+def test_prompts_are_deterministic_and_cover_every_tag():
+    a, b = make_prompts(300, seed=7), make_prompts(300, seed=7)
+    assert a == b and a != make_prompts(300, seed=8)
+    assert {p["tag"] for p in a} == set(TAGS)
+
+
+def test_long_prompts_have_3_to_5_objects_and_2_to_4_relations():
+    for p in make_prompts(200, seed=1, style="long"):
+        rels = [e["position"] for e in p["include"] if "position" in e]
+        assert 3 <= len(p["include"]) <= 5 and 2 <= len(rels) <= 4
+        assert all(r in RELATIONS and 0 <= i < len(p["include"]) for r, i in rels)
+        assert len({(e["class"], e["color"]) for e in p["include"]}) == len(p["include"])
+
+
+def test_heldout_phrasings_differ_from_train():
+    train = {p["prompt"] for p in make_prompts(300, 0, "short", "train")}
+    heldout = make_prompts(300, 0, "short", "heldout")
+    assert not any(p["prompt"] in train for p in heldout)
+    assert not any(w in p["prompt"] for p in heldout for w in (" to the left of ", "an image of", "there is "))
+
+
+@pytest.mark.parametrize("size", [64, 128, (200, 96)])
+def test_render_any_size(size):
+    scene = sample_scene(make_prompts(1, seed=3, style="long")[0], random.Random(0))
+    img = render(scene, size)
+    assert img.size == ((size, size) if isinstance(size, int) else size) and img.mode == "RGB"
+    assert np.asarray(img).std() > 5  # something was drawn
+
+
+def test_faithful_scenes_satisfy_their_prompt_exactly():
+    rng = random.Random(0)
+    for meta in make_prompts(300, seed=2):
+        assert evaluate(meta, scene_detections(sample_scene(meta, rng))).passed, meta["prompt"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_perturbation_breaks_the_prompt(kind):
+    rng, made = random.Random(1), 0
+    for meta in make_prompts(200, seed=3):
+        if kind not in applicable(meta):
+            continue
+        scene = sample_scene(meta, rng)
+        rejected = make_rejected(scene, meta, [kind], rng)
+        if rejected is not None:
+            made += 1
+            assert not evaluate(meta, scene_detections(rejected)).passed
+            assert rejected.to_dict() != scene.to_dict()
+    assert made >= 10
+
+
+def test_pairs_do_not_depend_on_worker_count(tmp_path):
+    spec = PairSpec(seed=4)
+    one = make_pairs(tmp_path / "a", 12, spec, workers=1, progress=False).read_text()
+    two = make_pairs(tmp_path / "b", 12, spec, workers=2, progress=False).read_text()
+    assert one == two
+    records = [json.loads(line) for line in one.splitlines()]
+    assert [r["id"] for r in records] == [f"{i:06d}" for i in range(12)]
+    assert all((tmp_path / "a" / r["chosen"]).is_file() and (tmp_path / "a" / r["rejected"]).is_file() for r in records)
+    assert all(r["perturbation"]["n"] == len(r["perturbation"]["kinds"]) in (1, 2, 3) for r in records)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_shapes_and_colours(shape):
+    rng = random.Random(shape)
+    for color in COLORS:
+        for _ in range(3):
+            obj = Obj(shape, color, rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.12, 0.2),
+                      rng.uniform(-15, 15), sample_shade(color, rng))
+            found = [(d.cls, d.color) for d in detect(render(Scene([obj]), 128), ocr=False)]
+            assert found == [(shape, color)]
+
+
+def test_oracle_accepts_faithful_and_detects_perturbed():
+    """The acceptance check at small scale: >= 99.5% of faithful scenes pass, >= 99% of rejected ones fail."""
+    n = 120
+    faithful = sum(judge(render(sample_scene(m, random.Random(i))), m).passed
+                   for i, m in enumerate(make_prompts(n, seed=11, phrasing="all")))
+    detected = 0
+    for i in range(n):
+        record, _, rejected = make_pair(i, PairSpec(seed=12))
+        detected += not judge(rejected, record["meta"]).passed
+    assert faithful / n >= 0.99 and detected / n >= 0.98, (faithful, detected)
