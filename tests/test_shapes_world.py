@@ -9,11 +9,11 @@ import pytest
 from spatialscore.data.clauses import evaluate
 from spatialscore.data.oracle import detect, judge
 from spatialscore.data.pairs import PairSpec, make_pair, make_pairs
-from spatialscore.data.perturb import KINDS, applicable, make_rejected
+from spatialscore.data.perturb import PERTURBATIONS, applicable, make_rejected
 from spatialscore.data.prompts import TAGS, make_prompts
 from spatialscore.data.render import render
 from spatialscore.data.scene import Obj, Scene, sample_scene, sample_shade, scene_detections
-from spatialscore.data.vocab import COLORS, RELATIONS, SHAPES
+from spatialscore.data.vocab import COLORS, PERTURBATION_KINDS, RELATIONS, SHAPES
 
 
 def test_prompts_are_deterministic_and_cover_every_tag():
@@ -51,8 +51,9 @@ def test_faithful_scenes_satisfy_their_prompt_exactly():
         assert evaluate(meta, scene_detections(sample_scene(meta, rng))).passed, meta["prompt"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", PERTURBATION_KINDS)
 def test_each_perturbation_breaks_the_prompt(kind):
+    assert set(PERTURBATIONS) == set(PERTURBATION_KINDS)
     rng, made = random.Random(1), 0
     for meta in make_prompts(200, seed=3):
         if kind not in applicable(meta):

@@ -22,12 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from spatialscore.data.vocab import RELATIONS
+from spatialscore.data.vocab import PERTURBATION_KINDS, RELATIONS
 from spatialscore.errors import SpatialScoreError
 
 log = logging.getLogger("spatialscore.data")
 
-PERTURBATION_KINDS = ("swap", "flip", "count", "attribute", "text")
 PAIR_COLUMNS = frozenset({"prompt", "chosen", "rejected"})
 PICKAPIC_COLUMNS = frozenset({"caption", "jpg_0", "jpg_1", "label_0"})
 ACCEPTED = (
@@ -391,7 +390,7 @@ def _load(path: str | os.PathLike[str], expect: str, on_error: str) -> list:
             "%s: skipped %d of %d records with problems; first:\n  %s", p, bad, total, "\n  ".join(map(str, shown))
         )
     if ties:
-        log.info("%s: skipped %d ties (label_0 == 0.5)", p, ties)
+        log.warning("%s: skipped %d ties (label_0 == 0.5): a tie says nothing about which image is better", p, ties)
     return good
 
 

@@ -24,6 +24,23 @@ from spatialscore.errors import SpatialScoreError
 from spatialscore.io import atomic_write_text
 
 
+# Every prompt can lose an object, but relations, bindings and text are what a spatial reward must learn: prefer the
+# perturbations that target them when the prompt has them.
+KIND_WEIGHTS = {"swap": 3.0, "flip": 3.0, "attribute": 2.0, "text": 3.0, "count": 1.0}
+
+
+def choose_kinds(available: list[str], n: int, rng: random.Random) -> list[str]:
+    """n kinds by KIND_WEIGHTS, distinct while there are enough of them."""
+    kinds, pool = [], list(available)
+    for _ in range(n):
+        if not pool:
+            pool = list(available)
+        kind = rng.choices(pool, weights=[KIND_WEIGHTS[k] for k in pool])[0]
+        pool.remove(kind)
+        kinds.append(kind)
+    return kinds
+
+
 @dataclass(frozen=True)
 class PairSpec:
     seed: int = 0
@@ -43,7 +60,7 @@ def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
         kinds_ok = applicable(meta)
         for _ in range(20):
             n = rng.choice((2, 3)) if rng.random() < spec.multi_prob else 1
-            kinds = rng.sample(kinds_ok, n) if n <= len(kinds_ok) else [rng.choice(kinds_ok) for _ in range(n)]
+            kinds = choose_kinds(kinds_ok, n, rng)
             rejected = make_rejected(chosen, meta, kinds, rng)
             if rejected is not None:
                 record = {"id": f"{index:06d}", "prompt": meta["prompt"],

@@ -17,7 +17,6 @@ from spatialscore.data.scene import (RELATION_MARGIN, Obj, Scene, Sign, fits, ne
                                      place_relative, relation_margin, sample_shade, scene_detections)
 from spatialscore.data.vocab import CHROMATIC, OPPOSITE, SIGN_CLASS
 
-KINDS = ("swap", "flip", "count", "attribute", "text")
 FAIL_MARGIN = 0.1
 # Thin glyphs merge with their neighbours at 128 px ("IION" reads as "ION"); never introduce them.
 _REPLACEMENT_LETTERS = [c for c in string.ascii_uppercase if c not in "IJ"]

@@ -21,6 +21,8 @@ CHROMATIC = tuple(c for c in COLORS if c != "black")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
+PERTURBATION_KINDS = ("swap", "flip", "count", "attribute", "text")
+
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 MAX_COUNT = 5
 
