@@ -10,7 +10,7 @@ from spatialscore.data.clauses import evaluate
 from spatialscore.data.oracle import detect, judge
 from spatialscore.data.pairs import PairSpec, make_pair, make_pairs
 from spatialscore.data.perturb import PERTURBATIONS, applicable, make_rejected
-from spatialscore.data.prompts import TAGS, make_prompts
+from spatialscore.data.prompts import TAGS, longest_chain, make_prompts
 from spatialscore.data.render import render
 from spatialscore.data.scene import Obj, Scene, sample_scene, sample_shade, scene_detections
 from spatialscore.data.vocab import COLORS, PERTURBATION_KINDS, RELATIONS, SHAPES
@@ -28,6 +28,15 @@ def test_long_prompts_have_3_to_5_objects_and_2_to_4_relations():
         assert 3 <= len(p["include"]) <= 5 and 2 <= len(rels) <= 4
         assert all(r in RELATIONS and 0 <= i < len(p["include"]) for r, i in rels)
         assert len({(e["class"], e["color"]) for e in p["include"]}) == len(p["include"])
+
+
+def test_long_prompts_avoid_chains_too_tall_for_the_canvas():
+    assert longest_chain([(1, "above", 0), (2, "above", 1), (3, "above", 2)]) == 3
+    assert longest_chain([(1, "above", 0), (2, "below", 0), (3, "left of", 2)]) == 2
+    assert longest_chain([(1, "left of", 0), (2, "right of", 1)]) == 1
+    rng = random.Random(0)
+    for meta in make_prompts(300, seed=5, style="long"):
+        sample_scene(meta, rng)  # raises when the layout cannot be placed
 
 
 def test_heldout_phrasings_differ_from_train():

@@ -56,7 +56,10 @@ def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
     writer = PromptWriter(rng, spec.phrasing)
     while True:
         meta = writer.sample(spec.style)
-        chosen = sample_scene(meta, rng)
+        try:
+            chosen = sample_scene(meta, rng, tries=50)
+        except SpatialScoreError:  # a layout too crowded to place with clear margins: take the next prompt
+            continue
         kinds_ok = applicable(meta)
         for _ in range(20):
             n = rng.choice((2, 3)) if rng.random() < spec.multi_prob else 1

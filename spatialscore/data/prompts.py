@@ -59,6 +59,23 @@ def noun(entry: dict) -> str:
     return f"{entry['color']} {entry['class']}" if entry.get("color") else entry["class"]
 
 
+def longest_chain(edges: list[tuple[int, str, int]]) -> int:
+    """Most relations stacked along one axis ("a above b above c above d" is 3). Canvases are small: past 2, the
+    objects rarely fit with clear margins, so the writer avoids such prompts."""
+    before = []  # (smaller, larger) along each axis: x for left/right, y (down) for above/below
+    for i, rel, j in edges:
+        axis = "x" if rel in ("left of", "right of") else "y"
+        before.append((axis, i, j) if rel in ("left of", "above") else (axis, j, i))
+    depth: dict[tuple[str, int], int] = {}
+
+    def chain(axis: str, node: int) -> int:
+        if (axis, node) not in depth:
+            depth[axis, node] = max((1 + chain(axis, b) for ax, a, b in before if ax == axis and a == node), default=0)
+        return depth[axis, node]
+
+    return max((chain(axis, a) for axis, a, _ in before), default=0)
+
+
 def plural(shape: str) -> str:
     return shape + "s"
 
@@ -145,13 +162,15 @@ class PromptWriter:
         pairs = self.rng.sample([(s, c) for s in SHAPES for c in COLOR_NAMES], n_obj)
         include = [{"class": s, "count": 1, "color": c} for s, c in pairs]
         related = sorted(self.rng.sample(range(1, n_obj), n_rel))
+        while True:
+            edges = [(i, self.rng.choice(RELATIONS), self.rng.randrange(i)) for i in related]
+            if longest_chain(edges) <= 2:
+                break
         clauses, mentioned = [], set()
-        for i in related:
-            j = self.rng.randrange(i)
-            rel = self.rng.choice(RELATIONS)
+        for i, rel, j in edges:
             include[i]["position"] = [rel, j]
-            a = ("the " if i in mentioned else "a ") + noun(include[i])
-            b = ("the " if j in mentioned else "a ") + noun(include[j])
+            a = "the " + noun(include[i]) if i in mentioned else article(noun(include[i]))
+            b = "the " + noun(include[j]) if j in mentioned else article(noun(include[j]))
             mentioned |= {i, j}
             clause = self._relation_text(self._template("clause"), a, rel, b)
             clauses.append(clause[0].upper() + clause[1:])

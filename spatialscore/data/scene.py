@@ -130,6 +130,10 @@ def sign_size(text: str) -> tuple[float, float]:
     return width + 2 * (SIGN_PAD + SIGN_BORDER), SIGN_FONT * 1.3 + 2 * (SIGN_PAD + SIGN_BORDER)
 
 
+def _radius(item: Obj | Sign) -> float:
+    return item.radius if isinstance(item, Obj) else math.hypot(item.w, item.h) / 2
+
+
 def _keepout(item: Obj | Sign) -> tuple[float, float, float, float]:
     if isinstance(item, Obj):
         r = item.radius + MARGIN / 2
@@ -162,7 +166,8 @@ def place_relative(item: Obj | Sign, rel: str, anchor: Obj | Sign, others: list,
     direction = {"left of": 180.0, "right of": 0.0, "above": 270.0, "below": 90.0}[rel]
     for _ in range(tries):
         angle = math.radians(direction + rng.uniform(-30, 30))
-        dist = rng.uniform(0.12, 0.65)
+        closest = _radius(item) + _radius(anchor) + MARGIN
+        dist = closest + (0.65 - closest) * rng.random() ** 2  # near the anchor is likelier: leaves room for others
         item.x, item.y = anchor.x + dist * math.cos(angle), anchor.y + dist * math.sin(angle)
         if fits(item, others) and relation_margin(item, rel, anchor) >= RELATION_MARGIN:
             return True
@@ -197,7 +202,7 @@ def _try_scene(meta: dict, rng: random.Random) -> Scene | None:
     scene = Scene(background=sample_background(rng))
     texts = list(meta.get("text", []))
     groups: list[list[Obj | Sign]] = []
-    many = sum(int(e.get("count", 1)) for e in meta.get("include", [])) > 4
+    many = sum(int(e.get("count", 1)) for e in meta.get("include", [])) > 3
     for index, entry in enumerate(meta.get("include", [])):
         group: list[Obj | Sign] = []
         for _ in range(int(entry.get("count", 1))):
