@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -19,9 +20,9 @@ from spatialscore.data.prompts import make_prompts
 from spatialscore.io import atomic_write_text
 
 
-def pairs_picture(pairs, path: Path, rows: int = 8, side: int = 128) -> None:
+def pairs_picture(pairs, path: Path, rows: int = 8, side: int = 160) -> None:
     """chosen | rejected, with the prompt and the perturbation kinds under each row."""
-    caption = 36
+    caption = 50
     sheet = Image.new("RGB", (2 * side + 8, rows * (side + caption)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, pair in enumerate(pairs[:rows]):
@@ -29,10 +30,10 @@ def pairs_picture(pairs, path: Path, rows: int = 8, side: int = 128) -> None:
         sheet.paste(pair.chosen.resize((side, side)), (0, y))
         sheet.paste(pair.rejected.resize((side, side)), (side + 8, y))
         kinds = "+".join((pair.perturbation or {}).get("kinds", []))
-        text = pair.prompt if len(pair.prompt) < 90 else pair.prompt[:87] + "..."
-        draw.text((2, y + side + 2), text[:45], fill="black")
-        draw.text((2, y + side + 13), text[45:90], fill="black")
-        draw.text((2, y + side + 24), f"chosen | rejected ({kinds})", fill=(120, 0, 0))
+        lines = textwrap.wrap(pair.prompt, width=54)[:3]
+        for k, line in enumerate(lines):
+            draw.text((2, y + side + 2 + 11 * k), line, fill="black")
+        draw.text((2, y + side + 2 + 11 * len(lines)), f"chosen | rejected ({kinds})", fill=(150, 0, 0))
     sheet.save(path)
 
 
