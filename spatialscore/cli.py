@@ -158,6 +158,20 @@ def cmd_recipes_validate(args) -> int:
     return 0
 
 
+# --- heads --------------------------------------------------------------------------------------------------------
+
+def cmd_heads_ls(args) -> int:
+    from spatialscore.heads import list_heads
+
+    rows = list_heads()
+    if args.json:
+        print(json.dumps([{"name": n, "source": s, "description": d} for n, s, d in rows], indent=2))
+    else:
+        for name, source, desc in rows:
+            print(f"{name:<12} {source:<18} {desc}")
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -241,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_recipes_validate)
+
+    heads = _parser(verbs, "heads", "the reward-head registry (built-ins and plugins)", "spatialscore heads ls")
+    head_verbs = heads.add_subparsers(dest="heads_verb", metavar="<command>", required=True)
+    p = _parser(head_verbs, "ls", "list registered reward heads and where they come from", "spatialscore heads ls")
+    p.set_defaults(func=cmd_heads_ls)
 
     p = _parser(verbs, "demo", "the shapes world end to end: prompts, faithful images, pairs, oracle reports",
                 "spatialscore demo --out runs/demo --prompts 200 --pairs 500")

@@ -20,7 +20,7 @@ def run(capsys, *argv):
 def test_console_script_lists_every_verb():
     exe = Path(sys.executable).parent / "spatialscore"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
-    for verb in ("data", "recipes", "demo"):
+    for verb in ("data", "recipes", "heads", "demo"):
         assert verb in result.stdout
     assert "example:" in result.stdout
 

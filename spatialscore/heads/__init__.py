@@ -1,0 +1,139 @@
+"""The reward-head registry: the plugin point of spatialscore.
+
+A head maps `images: FloatTensor[B, 3, H, W]` in [0, 1], `prompts: list[str]` and `meta: list[dict]` (prompt
+metadata, GenEval format) to `RewardOutput(scores: FloatTensor[B], extras: dict)`. Heads register by name with
+`@register_head("name")`, or from another package through the `spatialscore.reward_heads` entry-point group:
+
+    # pyproject.toml of your package
+    [project.entry-points."spatialscore.reward_heads"]
+    my_head = "my_package.heads:MyHead"      # a RewardHead subclass, or any callable returning one
+
+Entry points are loaded lazily, on the first lookup; `SPATIALSCORE_DISABLE_PLUGINS=1` turns them off.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Callable
+
+import torch
+
+from spatialscore.errors import SpatialScoreError
+
+ENTRY_POINT_GROUP = "spatialscore.reward_heads"
+
+
+@dataclass
+class RewardOutput:
+    scores: torch.Tensor  # [B], float
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RewardHead:
+    """Base class: subclasses implement `score`; `__call__` checks the inputs first."""
+
+    name = "?"
+    description = ""
+    needs_meta = False  # heads that judge clauses need each prompt's metadata
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], meta: list[dict] | None = None) -> RewardOutput:
+        check_inputs(self.name, images, prompts, meta, self.needs_meta)
+        return self.score(images, prompts, meta or [{} for _ in prompts])
+
+    def score(self, images: torch.Tensor, prompts: list[str], meta: list[dict]) -> RewardOutput:
+        raise NotImplementedError
+
+
+def check_inputs(name: str, images, prompts, meta, needs_meta: bool) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise SpatialScoreError(f"head {name!r}: images must be a FloatTensor[B, 3, H, W], got {shape}")
+    if not images.is_floating_point():
+        raise SpatialScoreError(f"head {name!r}: images must be floats in [0, 1], got dtype {images.dtype}")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise SpatialScoreError(f"head {name!r}: images must lie in [0, 1], got values in "
+                                f"[{images.min().item():.3g}, {images.max().item():.3g}] (divide uint8 by 255)")
+    if len(prompts) != images.shape[0]:
+        raise SpatialScoreError(f"head {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+    if meta is not None and len(meta) != len(prompts):
+        raise SpatialScoreError(f"head {name!r}: {len(prompts)} prompts but {len(meta)} meta records")
+    if needs_meta and (meta is None or any(not m or "include" not in m for m in meta)):
+        raise SpatialScoreError(f"head {name!r} judges prompt clauses and needs each prompt's metadata "
+                                f"(GenEval format, with 'include')")
+
+
+@dataclass
+class _Entry:
+    factory: Callable[..., RewardHead]
+    source: str  # "built-in" or the distribution that registered it
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_plugins_loaded = False
+
+
+def register_head(name: str, source: str = "built-in"):
+    """Class or factory decorator; a second head under the same name is an error, not a silent override."""
+
+    def decorate(factory):
+        if name in _REGISTRY:
+            raise SpatialScoreError(f"reward head {name!r} is registered twice "
+                                    f"({_REGISTRY[name].source} and {source})")
+        _REGISTRY[name] = _Entry(factory, source)
+        if isinstance(factory, type):
+            factory.name = name
+        return factory
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    from spatialscore.heads import shapes  # noqa: F401  (registers on import)
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    if os.environ.get("SPATIALSCORE_DISABLE_PLUGINS") == "1":
+        return
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else "?"
+        try:
+            factory = ep.load()
+        except Exception as err:  # a broken plugin must not take the built-ins down with it
+            raise SpatialScoreError(f"reward-head plugin {ep.name!r} from {dist} failed to load: {err}") from err
+        register_head(ep.name, source=dist)(factory)
+
+
+def _ensure_loaded() -> None:
+    _load_builtins()
+    _load_plugins()
+
+
+def head_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def list_heads() -> list[tuple[str, str, str]]:
+    """(name, source, description) of every registered head."""
+    _ensure_loaded()
+    return [(n, e.source, getattr(e.factory, "description", "") or (e.factory.__doc__ or "").strip().split("\n")[0])
+            for n, e in sorted(_REGISTRY.items())]
+
+
+def get_head(name: str, **kwargs) -> RewardHead:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpatialScoreError(f"unknown reward head {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
+    head = _REGISTRY[name].factory(**kwargs)
+    if not isinstance(head, RewardHead):
+        raise SpatialScoreError(f"reward head {name!r} ({_REGISTRY[name].source}) did not build a RewardHead")
+    return head

@@ -1,0 +1,97 @@
+"""Built-in heads that read images with the shapes-world oracle's detector (colour segmentation, hull-based
+shapes, tesseract on signs): `oracle`, `counting`, `text` and `binding`. They are exact on shapes-world images
+and serve as the reference rewards that learned heads are compared with."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spatialscore.data.clauses import Detection, evaluate, normalise_text
+from spatialscore.data.oracle import detect
+from spatialscore.data.vocab import SIGN_CLASS
+from spatialscore.heads import RewardHead, RewardOutput, register_head
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def text_similarity(asked: str, read: str) -> float:
+    """1 - normalised edit distance, on uppercase letters and digits only."""
+    asked, read = normalise_text(asked), normalise_text(read)
+    return 1.0 - edit_distance(asked, read) / max(len(asked), len(read), 1)
+
+
+class _DetectingHead(RewardHead):
+    needs_meta = True
+
+    def score(self, images, prompts, meta) -> RewardOutput:
+        rows = []
+        for image, m in zip(images, meta):
+            wants_text = bool(m.get("text")) or any(e.get("class") == SIGN_CLASS for e in m.get("include", []))
+            rows.append(self.judge(detect(to_pil(image), ocr=wants_text), m))
+        scores = torch.tensor([r[0] for r in rows], dtype=torch.float32)
+        extras = {k: torch.tensor([r[1][k] for r in rows], dtype=torch.float32) for k in (rows[0][1] if rows else {})}
+        return RewardOutput(scores, extras)
+
+    def judge(self, detections: list[Detection], meta: dict) -> tuple[float, dict[str, float]]:
+        raise NotImplementedError
+
+
+@register_head("oracle")
+class OracleHead(_DetectingHead):
+    """Shapes world only: share of the prompt's clauses the image satisfies (extras: passed = all of them)."""
+
+    def judge(self, detections, meta):
+        verdict = evaluate(meta, detections)
+        share = sum(c.passed for c in verdict.clauses) / max(len(verdict.clauses), 1)
+        return share, {"passed": float(verdict.passed)}
+
+
+@register_head("counting")
+class CountingHead(_DetectingHead):
+    """Mean exp(-|found - asked|) over the prompt's objects (class and colour), 1.0 when every count is right."""
+
+    def judge(self, detections, meta):
+        terms = []
+        for entry in meta.get("include", []):
+            found = sum(d.cls == entry["class"] and entry.get("color") in (None, d.color) for d in detections)
+            terms.append(math.exp(-abs(found - int(entry.get("count", 1)))))
+        return (sum(terms) / len(terms) if terms else 1.0), {}
+
+
+@register_head("text")
+class TextHead(_DetectingHead):
+    """Per asked word, the best 1 - normalised edit distance among the signs read by OCR (0 with no sign)."""
+
+    def judge(self, detections, meta):
+        read = [d.text for d in detections if d.text]
+        words = meta.get("text", [])
+        sims = [max((text_similarity(w, r) for r in read), default=0.0) for w in words]
+        return (sum(sims) / len(sims) if sims else 1.0), {"signs": float(len(read))}
+
+
+@register_head("binding")
+class BindingHead(_DetectingHead):
+    """Share of coloured objects in the prompt that appear with their own colour (attribute binding)."""
+
+    def judge(self, detections, meta):
+        coloured = [e for e in meta.get("include", []) if e.get("color")]
+        bound = [sum(d.cls == e["class"] and d.color == e["color"] for d in detections) >= int(e.get("count", 1))
+                 for e in coloured]
+        return (sum(bound) / len(bound) if bound else 1.0), {}
