@@ -1,0 +1,1 @@
+"""Training algorithms for reward models: one file per method, the shared maths in `losses.py`."""
