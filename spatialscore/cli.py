@@ -38,6 +38,15 @@ def _emit(args, result: dict, human: str) -> None:
         print(human)
 
 
+def _print_rows(args, rows: list[tuple], columns: dict[str, int]) -> None:
+    """A listing: JSON objects with --json, else aligned columns (width 0: the rest of the line)."""
+    if args.json:
+        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        return
+    for row in rows:
+        print(" ".join(f"{value:<{width}}" if width else str(value) for value, width in zip(row, columns.values())))
+
+
 def _recipe_and_overrides(args) -> tuple[str | None, list[str]]:
     """The optional recipe positional swallows the first override when no recipe is given: give it back."""
     if args.recipe and "=" in args.recipe and not Path(args.recipe).is_file():
@@ -131,12 +140,7 @@ def cmd_validate(args) -> int:
 def cmd_recipes_ls(args) -> int:
     from spatialscore.config import list_recipes
 
-    rows = list_recipes()
-    if args.json:
-        print(json.dumps([{"name": n, "kind": k, "description": d} for n, k, d in rows], indent=2))
-    else:
-        for name, kind, desc in rows:
-            print(f"{name:<28} {kind:<10} {desc}")
+    _print_rows(args, list_recipes(), {"name": 28, "kind": 10, "description": 0})
     return 0
 
 
@@ -163,12 +167,7 @@ def cmd_recipes_validate(args) -> int:
 def cmd_heads_ls(args) -> int:
     from spatialscore.heads import list_heads
 
-    rows = list_heads()
-    if args.json:
-        print(json.dumps([{"name": n, "source": s, "description": d} for n, s, d in rows], indent=2))
-    else:
-        for name, source, desc in rows:
-            print(f"{name:<12} {source:<18} {desc}")
+    _print_rows(args, list_heads(), {"name": 12, "source": 18, "description": 0})
     return 0
 
 
