@@ -162,6 +162,92 @@ def cmd_recipes_validate(args) -> int:
     return 0
 
 
+# --- reward models ------------------------------------------------------------------------------------------------
+
+def _relaunch(args, argv: list[str]) -> int:
+    """Re-run this command under `accelerate launch` with N processes (gloo on CPU, DeepSpeed when asked)."""
+    import os
+    import subprocess
+
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.nproc),
+           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    env = dict(os.environ)
+    if args.nproc > 1:
+        cmd.append("--multi_gpu")
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"  # `--cpu --num_processes N` silently runs one process
+    cmd += ["-m", "spatialscore.cli", *argv, "--worker"]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_train_reward(args) -> int:
+    from spatialscore.config import RewardConfig, load_config
+    from spatialscore.train.reward_model import train_reward
+
+    cfg = load_config(RewardConfig, args.recipe, args.overrides)  # validate before launching anything
+    launch = None if args.launch in (None, "ddp") else args.launch
+    if (args.nproc > 1 or launch) and not args.worker:
+        argv = [a for a in sys.argv[1:] if a != "--json"]
+        return _relaunch(args, argv)
+    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
+    result = train_reward(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
+    if args.worker and not _is_main_process():
+        return 0
+    _emit(args, result, f"trained {result['steps']} steps on {result['world_size']} process(es); "
+                        f"held-out accuracy {result['validation'].get('overall', float('nan')):.4f}; "
+                        f"model in {out}/final")
+    return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_eval_reward(args) -> int:
+    from spatialscore.data.tensors import file_pairs
+    from spatialscore.models.base import load_model
+    from spatialscore.train.reward_model import accuracy_report, score_pairs
+
+    model = load_model(args.reward)
+    data = file_pairs(args.pairs, model.config.get("image_size", 128), on_error=args.on_error)
+    mu_c, mu_r = score_pairs(model, data, batch_size=args.batch_size, progress=True)
+    report = accuracy_report(mu_c, mu_r, data.kinds)
+    human = [f"pairwise accuracy {report['overall']:.4f} on {report['n_pairs']} pairs"]
+    human += [f"  {k:<10} {v:.4f}" for k, v in report["by_kind"].items()]
+    human += [f"  {k} perturbation(s): {v:.4f}" for k, v in report["by_n"].items()]
+    _emit(args, report, "\n".join(human))
+    return 0
+
+
+def cmd_score(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from spatialscore.models.base import load_model
+
+    model = load_model(args.reward).eval()
+    size = model.config.get("image_size", 128)
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)))
+        except (OSError, ValueError) as err:
+            raise SpatialScoreError(f"{path}: unreadable image ({err})") from None
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        mu, sigma = model(batch, [args.prompt] * len(images))
+    rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma)]
+    _emit(args, {"prompt": args.prompt, "scores": rows},
+          "\n".join(f"{r['mu']:+.4f} (sigma {r['sigma']:.4f})  {r['image']}" for r in rows))
+    return 0
+
+
 # --- heads --------------------------------------------------------------------------------------------------------
 
 def cmd_heads_ls(args) -> int:
@@ -254,6 +340,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_recipes_validate)
+
+    p = _parser(verbs, "train-reward", "train a SpatialScore reward model on preference pairs",
+                "spatialscore train-reward recipes/shapes/reward.yaml train.steps=200 --out runs/reward\n"
+                "spatialscore train-reward recipes/shapes/reward.yaml --launch zero2 --nproc 2 --out runs/reward-z2")
+    p.add_argument("recipe", help="a `kind: reward` recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", help="a run directory (its newest checkpoint) or checkpoints/step-N")
+    p.add_argument("--launch", choices=["ddp", "zero2", "zero3", "zero3_offload"],
+                   help="hardware preset: plain DDP or a DeepSpeed ZeRO stage (launch/deepspeed/*.json)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    p.add_argument("--precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train_reward)
+
+    p = _parser(verbs, "eval-reward", "pairwise accuracy of a reward model, per perturbation kind and count",
+                "spatialscore eval-reward --reward runs/reward --pairs runs/pairs/pairs.jsonl --json")
+    p.add_argument("--reward", required=True, help="a run directory (its final/) or a checkpoint directory")
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.set_defaults(func=cmd_eval_reward)
+
+    p = _parser(verbs, "score", "score images against a prompt with a reward model",
+                "spatialscore score --reward runs/reward --prompt \"a red circle left of a blue square\" a.png b.png")
+    p.add_argument("--reward", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_score)
 
     heads = _parser(verbs, "heads", "the reward-head registry (built-ins and plugins)", "spatialscore heads ls")
     head_verbs = heads.add_subparsers(dest="heads_verb", metavar="<command>", required=True)

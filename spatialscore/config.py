@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import re
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,7 +74,80 @@ class PromptsConfig:
             raise SpatialScoreError(f"prompts config: n must be at least 1, got {self.n}")
 
 
-KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig}
+@dataclass
+class ModelConfig:
+    """One block for every architecture; each reads the keys it needs (see spatialscore/models/)."""
+
+    arch: str = "relation"  # relation | clip_dual | qwen2_5_vl
+    image_size: int = 128
+    channels: int = 64
+    grid: int = 4  # relation: cells per side of the relation grid
+    text_dim: int = 128
+    g_dim: int = 128
+    f_dim: int = 128
+    seed: int = 0
+    pretrained: str | None = None  # qwen2_5_vl: a local from_pretrained directory
+    tiny: bool = False  # qwen2_5_vl: a tiny model built from a config in code (tests, CI)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    head_hidden: int = 128
+
+
+@dataclass
+class RewardDataConfig:
+    train: str | None = None  # a pairs file (JSONL / parquet / HF dir); None: generate shapes-world pairs in memory
+    val: str | None = None
+    n_train: int = 20000
+    n_val: int = 1000
+    seed: int = 0  # generated training pairs; validation uses val_seed, so it is held out
+    val_seed: int = 1000
+    style: str = "mixed"
+    phrasing: str = "all"
+
+    def __post_init__(self):
+        from spatialscore.data.prompts import PHRASINGS, STYLES
+
+        _one_of("data.style", self.style, STYLES)
+        _one_of("data.phrasing", self.phrasing, PHRASINGS)
+
+
+@dataclass
+class RewardTrainConfig:
+    steps: int = 2000
+    batch_size: int = 32  # per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    loss: str = "gaussian_bt"  # gaussian_bt | bt
+    max_grad_norm: float = 1.0
+    eval_every: int = 500
+    save_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        _one_of("train.loss", self.loss, ("gaussian_bt", "bt"))
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, and batch_size divisible by grad_accum")
+
+
+@dataclass
+class RewardConfig:
+    """SpatialScore reward-model training (`spatialscore train-reward`)."""
+
+    kind: str = "reward"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: RewardDataConfig = dataclasses.field(default_factory=RewardDataConfig)
+    train: RewardTrainConfig = dataclasses.field(default_factory=RewardTrainConfig)
+    report_to: str = "none"  # none | wandb (offline unless WANDB_MODE says otherwise)
+
+    def __post_init__(self):
+        _one_of("report_to", self.report_to, ("none", "wandb"))
+
+
+KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig, "reward": RewardConfig}
 
 
 def _did_you_mean(key: str, valid) -> str:
@@ -85,7 +159,7 @@ def _fields_at(schema: type, dotted: str) -> list[str]:
     """Valid keys at the level of `dotted` ("model.lr" -> the fields of the `model` dataclass)."""
     cls = schema
     for part in dotted.split(".")[:-1]:
-        sub = {f.name: f.type for f in dataclasses.fields(cls)}.get(part)
+        sub = typing.get_type_hints(cls).get(part)
         if sub is None or not dataclasses.is_dataclass(sub):
             break
         cls = sub

@@ -3,8 +3,8 @@
 
 import pytest
 
-from spatialscore.config import (KINDS, PairsConfig, PromptsConfig, list_recipes, load_config, save_config,
-                                 find_recipe, schema_for)
+from spatialscore.config import (KINDS, PairsConfig, PromptsConfig, RewardConfig, find_recipe, list_recipes,
+                                 load_config, save_config, schema_for)
 from spatialscore.errors import SpatialScoreError
 
 
@@ -56,19 +56,32 @@ def test_resolved_config_is_saved_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("name", [r[0] for r in list_recipes()])
-def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path):
+def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATIALSCORE_CACHE", str(tmp_path / "cache"))
     from spatialscore.data.pairs import PairSpec, make_pairs
     from spatialscore.data.prompts import make_prompts
 
     path = find_recipe(name)
     schema = schema_for(path)
-    cfg = load_config(schema, path, ["n=2"])
+    cfg = load_config(schema, path, [] if schema is RewardConfig else ["n=2"])
     if schema is PairsConfig:
         out = make_pairs(tmp_path, cfg.n, PairSpec(cfg.seed, cfg.style, cfg.phrasing, cfg.image_size, cfg.multi_prob),
                          workers=1, progress=False)
         assert len(out.read_text().splitlines()) == 2
     elif schema is PromptsConfig:
         assert len(make_prompts(cfg.n, cfg.seed, cfg.style, cfg.phrasing)) == 2
+    elif schema is RewardConfig:
+        from spatialscore.train.reward_model import train_reward
+
+        # tiny scale: generated shapes pairs instead of the recipe's files, a tiny backbone instead of a 7B one
+        tiny = ["data.train=null", "data.val=null", "data.n_train=16", "data.n_val=8", "train.steps=2",
+                "train.batch_size=4", "train.grad_accum=1", "model.image_size=56", "model.head_hidden=16"]
+        if cfg.model.arch == "qwen2_5_vl":
+            tiny += ["model.pretrained=null", "model.tiny=true", "model.lora_r=4", "model.lora_alpha=8"]
+        else:
+            tiny += ["model.channels=16", "model.text_dim=32", "model.g_dim=32", "model.f_dim=32"]
+        result = train_reward(load_config(schema, path, tiny), tmp_path / "run", progress=False)
+        assert result["steps"] == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
     else:
         pytest.fail(f"no tiny run for recipe kind {cfg.kind!r}: add one here")
     assert schema in KINDS.values()

@@ -1,6 +1,7 @@
 """The shapes world: determinism, prompt structure, rendering, perturbations, and the oracle's accuracy."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -108,3 +109,12 @@ def test_oracle_accepts_faithful_and_detects_perturbed():
         record, _, rejected = make_pair(i, PairSpec(seed=12))
         detected += not judge(rejected, record["meta"]).passed
     assert faithful / n >= 0.99 and detected / n >= 0.98, (faithful, detected)
+
+
+def test_ocr_leaves_the_environment_alone(monkeypatch):
+    """tesseract runs with OMP_THREAD_LIMIT=1; set in our own environment it stalled torch in later child processes."""
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    meta = {"prompt": 'a sign that says "MOON"', "tag": "text", "include": [{"class": "sign", "count": 1}],
+            "text": ["MOON"]}
+    assert judge(render(sample_scene(meta, random.Random(0))), meta).passed
+    assert "OMP_THREAD_LIMIT" not in os.environ

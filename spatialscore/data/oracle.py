@@ -13,9 +13,11 @@ Measured on faithful renders of mixed prompts: every clause right at 96-256 px; 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,27 +134,38 @@ def find_signs(hue, sat, val) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def read_text(image: Image.Image, box: tuple[int, int, int, int]) -> str:
-    """OCR the inside of a sign frame with tesseract (single line, uppercase letters)."""
-    import pytesseract
+_TESSERACT_ARGS = ["--psm", "7", "-c", "tessedit_char_whitelist=ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+                   "-c", "load_system_dawg=0", "-c", "load_freq_dawg=0"]
 
-    # tesseract's OpenMP threads cost more than they give on a one-line crop (134 vs 175 ms measured here)
-    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
-    if shutil.which("tesseract") is None:
+
+def tesseract(image: Image.Image) -> str:
+    """One line of text from tesseract, run on a PNG through stdin/stdout. OMP_THREAD_LIMIT=1 only for this child:
+    OpenMP threads cost more than they give on a one-line crop (134 vs 175 ms here), and set in our own environment
+    the limit would leak into every later child process and stall torch's OpenMP there."""
+    exe = shutil.which("tesseract")
+    if exe is None:
         raise SpatialScoreError("the oracle needs the `tesseract` program: run launch/setup.sh "
                                 "(or `apt-get install tesseract-ocr`)")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    result = subprocess.run([exe, "stdin", "stdout", *_TESSERACT_ARGS], input=buffer.getvalue(), capture_output=True,
+                            env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+    if result.returncode != 0:
+        raise SpatialScoreError(f"tesseract failed: {result.stderr.decode(errors='replace').strip()[:200]}")
+    return result.stdout.decode(errors="replace").strip()
+
+
+def read_text(image: Image.Image, box: tuple[int, int, int, int]) -> str:
+    """OCR the inside of a sign frame: cropped inside the frame, upscaled, binarised, padded, one text line."""
     x0, y0, x1, y1 = box
-    bw, bh = x1 - x0, y1 - y0
-    inset = max(1, round(0.12 * bh))
+    inset = max(1, round(0.12 * (y1 - y0)))
     crop = image.crop((x0 + inset, y0 + inset, x1 - inset, y1 - inset)).convert("L")
     scale = max(1, round(96 / max(crop.height, 1)))
     crop = crop.resize((crop.width * scale, crop.height * scale), Image.LANCZOS)
     crop = crop.point(lambda p: 255 if p > 140 else 0)
     padded = Image.new("L", (crop.width + 40, crop.height + 40), 255)
     padded.paste(crop, (20, 20))
-    config = ("--psm 7 -c tessedit_char_whitelist=ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
-              "-c load_system_dawg=0 -c load_freq_dawg=0")
-    return pytesseract.image_to_string(padded, config=config).strip()
+    return tesseract(padded)
 
 
 def detect(image: Image.Image, ocr: bool = True) -> list[Detection]:

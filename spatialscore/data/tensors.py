@@ -1,0 +1,92 @@
+"""Preference pairs as uint8 tensors in memory, for training and evaluating reward models.
+
+Shapes-world pairs are generated in parallel and cached under $SPATIALSCORE_CACHE (default ~/.cache/spatialscore)
+as plain .npy arrays + a JSON sidecar (no pickle), keyed by everything that determines them, so every process of a
+multi-process run and every rerun reads the same bytes. Pair files (JSONL, parquet, HF dirs) load through
+`formats.load_pairs` and are resized to the model's image size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from spatialscore.errors import SpatialScoreError
+
+
+@dataclass
+class PairTensors:
+    chosen: torch.Tensor  # uint8 [N, H, W, 3]
+    rejected: torch.Tensor
+    prompts: list[str]
+    kinds: list[list[str]]  # perturbation kinds per pair ([] when unknown)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def images(self, side: str, index: torch.Tensor) -> torch.Tensor:
+        """FloatTensor [B, 3, H, W] in [0, 1]."""
+        return getattr(self, side)[index].permute(0, 3, 1, 2).float().div_(255)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPATIALSCORE_CACHE", Path.home() / ".cache" / "spatialscore"))
+
+
+def _one(job) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    from spatialscore.data.pairs import PairSpec, make_pair
+
+    index, spec = job
+    record, chosen, rejected = make_pair(index, PairSpec(**spec))
+    return np.asarray(chosen), np.asarray(rejected), record["prompt"], record["perturbation"]["kinds"]
+
+
+def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, workers: int | None = None,
+                    progress: bool = True) -> PairTensors:
+    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size}
+    key = hashlib.sha256(json.dumps({**spec, "n": n, "version": 1}, sort_keys=True).encode()).hexdigest()[:16]
+    base = cache_dir() / f"pairs-{key}"
+    if not (base / "meta.json").is_file():
+        jobs = [(i, spec) for i in range(n)]
+        with mp.get_context("fork").Pool(workers or min(os.cpu_count() or 1, 8)) as pool:
+            rows = list(tqdm(pool.imap(_one, jobs, chunksize=32), total=n, desc="shapes pairs", unit="pair",
+                             disable=not progress))
+        tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "chosen.npy", np.stack([r[0] for r in rows]))
+        np.save(tmp / "rejected.npy", np.stack([r[1] for r in rows]))
+        (tmp / "meta.json").write_text(json.dumps({"prompts": [r[2] for r in rows], "kinds": [r[3] for r in rows]}))
+        try:
+            os.replace(tmp, base)
+        except OSError:  # another process finished the same cache first
+            pass
+    meta = json.loads((base / "meta.json").read_text())
+    return PairTensors(torch.from_numpy(np.load(base / "chosen.npy", mmap_mode="r").copy()),
+                       torch.from_numpy(np.load(base / "rejected.npy", mmap_mode="r").copy()),
+                       meta["prompts"], meta["kinds"])
+
+
+def file_pairs(path: str | Path, image_size: int, on_error: str = "raise") -> PairTensors:
+    from spatialscore.data.formats import load_pairs
+
+    records = load_pairs(path, on_error=on_error)
+    if not records:
+        raise SpatialScoreError(f"{path}: no pairs to train or evaluate on")
+
+    def array(image: Image.Image) -> np.ndarray:
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(image.convert("RGB"))
+
+    return PairTensors(torch.from_numpy(np.stack([array(r.chosen) for r in records])),
+                       torch.from_numpy(np.stack([array(r.rejected) for r in records])),
+                       [r.prompt for r in records], [(r.perturbation or {}).get("kinds", []) for r in records])

@@ -1,0 +1,181 @@
+"""What every trainer shares: the accelerate/DeepSpeed set-up, atomic checkpoints with exact resume, and metric logs.
+
+A checkpoint is a directory `checkpoints/step-N/` holding the model (`config.json` + `model.safetensors`, loadable by
+`models.base.load_model`), `optimizer.safetensors`, `rng.safetensors` and `state.json`. It is written under a
+temporary name and renamed into place, so a crash or SIGKILL leaves either the previous checkpoint or a complete new
+one. Resuming restores weights, optimizer moments, RNG streams and the step; the data order is a pure function of
+(seed, step), so a resumed run replays exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from spatialscore.errors import SpatialScoreError
+from spatialscore.io import atomic_write_text
+
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+
+def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | None = None):
+    """An Accelerator for this machine: gloo on CPU, the DeepSpeed preset `launch/deepspeed/<name>.json` if asked."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    kwargs = {}
+    if deepspeed:
+        if deepspeed not in DEEPSPEED_PRESETS:
+            raise SpatialScoreError(f"--launch {deepspeed}: unknown preset; choose from {', '.join(DEEPSPEED_PRESETS)}")
+        if not torch.cuda.is_available():
+            # the shm comm op takes ~20 s to compile on first use on CPU and gloo does not need it
+            import importlib
+
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=str(LAUNCH_DIR / "deepspeed" / f"{deepspeed}.json"),
+                                                     gradient_accumulation_steps=grad_accum)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    if deepspeed and not torch.cuda.is_available():
+        precision = "no"  # DeepSpeed's bf16 optimizer needs CUDA; on CPU it trains in fp32
+    return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=precision, kwargs_handlers=handlers,
+                       **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    meta = {"python": json.loads(json.dumps(random.getstate(), default=list)),
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    name, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = meta["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for i, state in sd["state"].items() for k, v in state.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints of a run, oldest first (temporary directories of an interrupted save are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for d in root.glob("step-*") if root.is_dir() else []:
+        if d.name.split("-", 1)[1].isdigit() and (d / "state.json").is_file():
+            found.append(Checkpoint(d, int(d.name.split("-", 1)[1])))
+    return sorted(found, key=lambda c: c.step)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically (directory rename); model via models.base.save_model."""
+    from spatialscore.models.base import save_model
+
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(f".tmp-step-{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp)
+    if optimizer is not None:
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    else:
+        groups = None
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state = {"step": step, "param_groups": groups, "rng": rng_meta, "time": time.time(), **(extra or {})}
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model weights, optimizer moments and RNG streams; returns state.json."""
+    from spatialscore.models.base import load_model
+
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise SpatialScoreError(f"--resume {path}: not a checkpoint (no state.json); "
+                                f"give a run directory or one of its checkpoints/step-N")
+    state = json.loads((path / "state.json").read_text())
+    saved = load_model(path)
+    model.load_state_dict(saved.state_dict(), strict=False)
+    if optimizer is not None and state.get("param_groups") is not None:
+        _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["param_groups"])
+    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+
+def resolve_resume(resume: str | Path) -> Path:
+    """A run directory means its newest complete checkpoint."""
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise SpatialScoreError(f"--resume {path}: no checkpoint found (expected {path}/checkpoints/step-N/)")
+    return found[-1].path
+
+
+class MetricLog:
+    """metrics.jsonl in the run directory, plus wandb (offline by default) when asked."""
+
+    def __init__(self, run_dir: Path, config: dict, report_to: str, enabled: bool = True):
+        self.path, self.enabled, self.wandb = Path(run_dir) / "metrics.jsonl", enabled, None
+        if enabled and report_to == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project="spatialscore", dir=str(run_dir), config=config, reinit=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,98 @@
+"""The reward-model trainer at tiny size: checkpoints, exact resume after SIGKILL, NaN guard, CLI verbs, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spatialscore.cli import main
+from spatialscore.config import RewardConfig, load_config
+from spatialscore.errors import SpatialScoreError
+from spatialscore.train import reward_model
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "reward.yaml"
+TINY = ["model.channels=16", "model.text_dim=32", "model.g_dim=32", "model.f_dim=32", "data.n_train=48",
+        "data.n_val=16", "train.batch_size=8", "train.warmup=2", "train.eval_every=3"]
+EXE = str(Path(sys.executable).parent / "spatialscore")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPATIALSCORE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    args = [EXE, "train-reward", str(RECIPE), *TINY, "train.steps=40", "train.save_every=5"]
+    subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-10" / "state.json").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "the run finished before it could be killed: make it longer"
+    code = subprocess.run([*args, "--out", str(run), "--resume", str(run)], capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    a, b = _weights(tmp_path / "straight"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "resumed_from" in line]
+    assert starts[0]["resumed_from"] == 0 and starts[-1]["resumed_from"] >= 10
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config(RewardConfig, RECIPE, [*TINY, "train.steps=6", "train.save_every=2"])
+    real = reward_model.pair_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(reward_model, "pair_loss", poisoned)
+    with pytest.raises(SpatialScoreError, match=r"loss became nan at step 4.*step-2"):
+        reward_model.train_reward(cfg, tmp_path / "run", progress=False)
+    kept = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (kept / "state.json").is_file() and json.loads((kept / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "run" / "checkpoints" / "step-4").exists()
+
+
+def test_eval_reward_and_score_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train-reward", str(RECIPE), *TINY, "train.steps=3", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["data", "make-pairs", "--out", str(tmp_path / "pairs"), "--n", "12", "workers=1"]) == 0
+    capsys.readouterr()
+    assert main(["--json", "eval-reward", "--reward", str(run), "--pairs", str(tmp_path / "pairs" / "pairs.jsonl")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"overall", "by_kind", "by_n", "n_pairs"} and report["n_pairs"] == 12
+    assert 0 <= report["overall"] <= 1 and set(report["by_n"]) <= {"1", "2-3"}
+    image = next((tmp_path / "pairs" / "images").iterdir())
+    assert main(["--json", "score", "--reward", str(run), "--prompt", "a red circle", str(image)]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert len(scores) == 1 and scores[0]["sigma"] > 0
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["train-reward", str(RECIPE), *TINY, f"data.train={empty}", "--out", str(tmp_path / "r")])
+    assert code == 2 and "empty.jsonl" in capsys.readouterr().err
+    code = main(["eval-reward", "--reward", str(tmp_path / "nope"), "--pairs", str(empty)])
+    assert code == 2 and "not a reward-model checkpoint" in capsys.readouterr().err
+    code = main(["train-reward", str(RECIPE), *TINY, "--resume", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "no checkpoint found" in capsys.readouterr().err
+    code = main(["train-reward", str(RECIPE), "model.arch=vit"])
+    assert code == 2 and "unknown architecture 'vit'" in capsys.readouterr().err
