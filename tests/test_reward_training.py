@@ -96,3 +96,16 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     assert code == 2 and "no checkpoint found" in capsys.readouterr().err
     code = main(["train-reward", str(RECIPE), "model.arch=vit"])
     assert code == 2 and "unknown architecture 'vit'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3"])
+def test_two_process_launch_on_cpu(launch, tmp_path):
+    run = tmp_path / launch
+    result = subprocess.run([EXE, "train-reward", str(RECIPE), *TINY, "train.steps=4", "train.save_every=2",
+                             "--launch", launch, "--nproc", "2", "--out", str(run)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["world_size"] == 2 and rows[0]["micro_batch"] == 4
+    assert all(r["loss"] == r["loss"] for r in rows[1:])  # finite, logged every step
+    assert (run / "final" / "model.safetensors").is_file() and (run / "checkpoints" / "step-4").is_dir()

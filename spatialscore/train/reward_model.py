@@ -20,7 +20,7 @@ from spatialscore.errors import SpatialScoreError
 from spatialscore.models.base import RewardModel, build_model, save_model
 from spatialscore.train.losses import bt_loss, gaussian_bt_loss, pairwise_accuracy
 from spatialscore.train.runtime import (MetricLog, checkpoints, load_checkpoint, make_accelerator, resolve_resume,
-                                        save_checkpoint, seed_everything)
+                                        save_checkpoint, seed_everything, shutdown)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -164,7 +164,9 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
     bar.close()
     save(t.steps, out / "final")
     log.close()
-    return {"out": str(out), "steps": t.steps, "world_size": world, "final_loss": mean_loss if t.steps > start else None,
+    world_size = accelerator.num_processes
+    shutdown(accelerator, model, optimizer)
+    return {"out": str(out), "steps": t.steps, "world_size": world_size, "final_loss": mean_loss if t.steps > start else None,
             "validation": report}
 
 
