@@ -81,7 +81,8 @@ class ModelConfig:
     arch: str = "relation"  # relation | clip_dual | qwen2_5_vl
     image_size: int = 128
     channels: int = 64
-    grid: int = 4  # relation: cells per side of the relation grid
+    grid: int = 8  # relation: cells per side of the feature grid
+    objects: int = 8  # relation: the most object-like cells that enter the pairwise relation module
     text_dim: int = 128
     g_dim: int = 128
     f_dim: int = 128
@@ -105,12 +106,17 @@ class RewardDataConfig:
     val_seed: int = 1000
     style: str = "mixed"
     phrasing: str = "all"
+    tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {position: 3, long: 3}
 
     def __post_init__(self):
-        from spatialscore.data.prompts import PHRASINGS, STYLES
+        from spatialscore.data.prompts import PHRASINGS, STYLES, TAGS
 
         _one_of("data.style", self.style, STYLES)
         _one_of("data.phrasing", self.phrasing, PHRASINGS)
+        for tag, weight in self.tag_weights.items():
+            _one_of("data.tag_weights", tag, TAGS)
+            if weight < 0:
+                raise SpatialScoreError(f"data.tag_weights.{tag}: weights must be >= 0, got {weight}")
 
 
 @dataclass
@@ -123,6 +129,7 @@ class RewardTrainConfig:
     warmup: int = 100
     loss: str = "gaussian_bt"  # gaussian_bt | bt
     max_grad_norm: float = 1.0
+    aux_weight: float = 1.0  # dense per-cell supervision from the scene graphs (relation backbone, generated data)
     eval_every: int = 500
     save_every: int = 500
     seed: int = 0

@@ -48,6 +48,7 @@ class PairSpec:
     phrasing: str = "train"
     image_size: int = 128
     multi_prob: float = 0.5  # share of pairs with 2-3 perturbations instead of 1
+    tag_weights: tuple[tuple[str, float], ...] = ()  # prompt tags' relative frequencies (missing: 1)
 
 
 def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
@@ -55,7 +56,7 @@ def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
     rng = random.Random(f"pairs-{spec.seed}-{index}")
     writer = PromptWriter(rng, spec.phrasing)
     while True:
-        meta = writer.sample(spec.style)
+        meta = writer.sample(spec.style, dict(spec.tag_weights))
         try:
             chosen = sample_scene(meta, rng, tries=50)
         except SpatialScoreError:  # a layout too crowded to place with clear margins: take the next prompt

@@ -98,10 +98,15 @@ class PromptWriter:
     def _relation_text(self, template: str, a: str, rel: str, b: str) -> str:
         return template.format(a=a, b=b, A=a, B=b, rel=self._rel(rel), suffix=REL_SUFFIX[rel])
 
-    def sample(self, style: str = "mixed") -> dict:
+    def sample(self, style: str = "mixed", tag_weights: dict[str, float] | None = None) -> dict:
+        """One prompt of a tag drawn from `style`, uniformly or by `tag_weights` (missing tags weigh 1)."""
         if style not in STYLES:
             raise SpatialScoreError(f"style must be one of {tuple(STYLES)}, got {style!r}")
-        tag = self.rng.choice(STYLES[style])
+        tags = STYLES[style]
+        if tag_weights:
+            tag = self.rng.choices(tags, weights=[tag_weights.get(t, 1.0) for t in tags])[0]
+        else:
+            tag = self.rng.choice(tags)
         return getattr(self, f"_{tag}")()
 
     def _single_object(self) -> dict:

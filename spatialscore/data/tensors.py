@@ -29,6 +29,7 @@ class PairTensors:
     rejected: torch.Tensor
     prompts: list[str]
     kinds: list[list[str]]  # perturbation kinds per pair ([] when unknown)
+    targets: dict[str, torch.Tensor] | None = None  # "chosen.color", ... (data/targets.py), generated pairs only
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -37,42 +38,58 @@ class PairTensors:
         """FloatTensor [B, 3, H, W] in [0, 1]."""
         return getattr(self, side)[index].permute(0, 3, 1, 2).float().div_(255)
 
+    def cell_targets(self, side: str, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if self.targets is None:
+            return None
+        return {key.split(".", 1)[1]: value[index] for key, value in self.targets.items() if key.startswith(side)}
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SPATIALSCORE_CACHE", Path.home() / ".cache" / "spatialscore"))
 
 
-def _one(job) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+def _one(job) -> tuple[dict[str, np.ndarray], str, list[str]]:
     from spatialscore.data.pairs import PairSpec, make_pair
+    from spatialscore.data.scene import Scene
+    from spatialscore.data.targets import cell_targets
 
-    index, spec = job
-    record, chosen, rejected = make_pair(index, PairSpec(**spec))
-    return np.asarray(chosen), np.asarray(rejected), record["prompt"], record["perturbation"]["kinds"]
+    index, spec, grid = job
+    weights = tuple((tag, weight) for tag, weight in spec["tag_weights"])
+    record, chosen, rejected = make_pair(index, PairSpec(**{**spec, "tag_weights": weights}))
+    arrays = {"chosen": np.asarray(chosen), "rejected": np.asarray(rejected)}
+    for side in ("chosen", "rejected") if grid else ():
+        for key, value in cell_targets(Scene.from_dict(record["meta"]["scenes"][side]), grid).items():
+            arrays[f"{side}.{key}"] = value
+    return arrays, record["prompt"], record["perturbation"]["kinds"]
 
 
-def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, workers: int | None = None,
+def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, target_grid: int = 0,
+                    tag_weights: dict[str, float] | None = None, workers: int | None = None,
                     progress: bool = True) -> PairTensors:
-    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size}
-    key = hashlib.sha256(json.dumps({**spec, "n": n, "version": 1}, sort_keys=True).encode()).hexdigest()[:16]
-    base = cache_dir() / f"pairs-{key}"
+    """n shapes-world pairs (cached); with target_grid > 0 also the dense cell targets of both images."""
+    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
+            "tag_weights": sorted((tag_weights or {}).items())}
+    key = hashlib.sha256(json.dumps({**spec, "n": n, "grid": target_grid, "version": 2}, sort_keys=True).encode())
+    base = cache_dir() / f"pairs-{key.hexdigest()[:16]}"
     if not (base / "meta.json").is_file():
-        jobs = [(i, spec) for i in range(n)]
+        jobs = [(i, spec, target_grid) for i in range(n)]
         with mp.get_context("fork").Pool(workers or min(os.cpu_count() or 1, 8)) as pool:
             rows = list(tqdm(pool.imap(_one, jobs, chunksize=32), total=n, desc="shapes pairs", unit="pair",
                              disable=not progress))
         tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        np.save(tmp / "chosen.npy", np.stack([r[0] for r in rows]))
-        np.save(tmp / "rejected.npy", np.stack([r[1] for r in rows]))
-        (tmp / "meta.json").write_text(json.dumps({"prompts": [r[2] for r in rows], "kinds": [r[3] for r in rows]}))
+        for name in rows[0][0]:
+            np.save(tmp / f"{name}.npy", np.stack([r[0][name] for r in rows]))
+        meta = {"prompts": [r[1] for r in rows], "kinds": [r[2] for r in rows], "arrays": list(rows[0][0])}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, base)
         except OSError:  # another process finished the same cache first
             pass
     meta = json.loads((base / "meta.json").read_text())
-    return PairTensors(torch.from_numpy(np.load(base / "chosen.npy", mmap_mode="r").copy()),
-                       torch.from_numpy(np.load(base / "rejected.npy", mmap_mode="r").copy()),
-                       meta["prompts"], meta["kinds"])
+    arrays = {name: torch.from_numpy(np.load(base / f"{name}.npy")) for name in meta["arrays"]}
+    chosen, rejected = arrays.pop("chosen"), arrays.pop("rejected")
+    return PairTensors(chosen, rejected, meta["prompts"], meta["kinds"], arrays or None)
 
 
 def file_pairs(path: str | Path, image_size: int, on_error: str = "raise") -> PairTensors:

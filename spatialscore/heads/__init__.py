@@ -1,7 +1,8 @@
 """The reward-head registry: the plugin point of spatialscore.
 
 A head maps `images: FloatTensor[B, 3, H, W]` in [0, 1], `prompts: list[str]` and `meta: list[dict]` (prompt
-metadata, GenEval format) to `RewardOutput(scores: FloatTensor[B], extras: dict)`. Heads register by name with
+metadata, GenEval format) to `RewardOutput(scores: FloatTensor[B], extras: dict)`; a `bounded` head promises
+scores in [0, 1]. Heads register by name with
 `@register_head("name")`, or from another package through the `spatialscore.reward_heads` entry-point group:
 
     # pyproject.toml of your package
@@ -17,6 +18,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,6 +40,13 @@ class RewardHead:
     name = "?"
     description = ""
     needs_meta = False  # heads that judge clauses need each prompt's metadata
+    bounded = True  # scores lie in [0, 1]; learned heads (a reward model's mu, a cosine) set False
+
+    @classmethod
+    def example_kwargs(cls, tmp_path: Path) -> dict:
+        """kwargs that build a small working instance, for the registry-wide tests; heads that need arguments
+        (a checkpoint, a model) override this, and may create what they need under `tmp_path`."""
+        return {}
 
     def __call__(self, images: torch.Tensor, prompts: list[str], meta: list[dict] | None = None) -> RewardOutput:
         check_inputs(self.name, images, prompts, meta, self.needs_meta)
@@ -91,7 +100,7 @@ def register_head(name: str, source: str = "built-in"):
 
 
 def _load_builtins() -> None:
-    from spatialscore.heads import shapes  # noqa: F401  (registers on import)
+    from spatialscore.heads import learned, shapes  # noqa: F401  (register on import)
 
 
 def _load_plugins() -> None:
@@ -127,13 +136,24 @@ def list_heads() -> list[tuple[str, str, str]]:
             for n, e in sorted(_REGISTRY.items())]
 
 
-def get_head(name: str, **kwargs) -> RewardHead:
+def _entry(name: str) -> _Entry:
     _ensure_loaded()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SpatialScoreError(f"unknown reward head {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
-    head = _REGISTRY[name].factory(**kwargs)
+    return _REGISTRY[name]
+
+
+def head_class(name: str) -> type[RewardHead]:
+    """The class registered under `name`; RewardHead itself for a plugin registered as a plain factory function
+    (so `head_class(name).example_kwargs(tmp_path)` is always callable, and gives {} there)."""
+    factory = _entry(name).factory
+    return factory if isinstance(factory, type) and issubclass(factory, RewardHead) else RewardHead
+
+
+def get_head(name: str, **kwargs) -> RewardHead:
+    head = _entry(name).factory(**kwargs)
     if not isinstance(head, RewardHead):
         raise SpatialScoreError(f"reward head {name!r} ({_REGISTRY[name].source}) did not build a RewardHead")
     return head

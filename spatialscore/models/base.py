@@ -1,7 +1,7 @@
 """The interface every reward model follows, the Gaussian (mu, sigma) head, and save/load as safetensors.
 
 A reward model takes `images: FloatTensor[B, 3, H, W]` in [0, 1] and `prompts: list[str]` and returns
-`(mu, sigma)`, both FloatTensor[B]. Its `config` (JSON-able) is enough to rebuild the architecture; `save` writes
+`(mu, sigma)`, both FloatTensor[B] (plus an auxiliary loss when a training step passes dense `targets`). Its `config` (JSON-able) is enough to rebuild the architecture; `save` writes
 `config.json` + `model.safetensors` (only the trainable tensors for adapter models), atomically.
 """
 
@@ -42,7 +42,9 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.config = dict(config)
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, prompts: list[str], targets: dict | None = None):
+        """(mu, sigma); models with dense supervision return (mu, sigma, auxiliary loss) when given `targets`.
+        The targets go through forward itself so DDP and DeepSpeed wrappers see one call."""
         raise NotImplementedError
 
     def saved_state(self) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ class DualEncoderReward(RewardModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.log_sigma = nn.Parameter(torch.zeros(()))  # one learned uncertainty: the encoders meet only in a dot product
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, prompts: list[str], targets: dict | None = None):
         feats = self.trunk(resize_to(images, self.config["image_size"]) * 2 - 1).flatten(1)
         img = F.normalize(self.image_proj(feats), dim=-1)
         txt = F.normalize(self.text(prompts, images.device), dim=-1)

@@ -128,7 +128,7 @@ class QwenRewardModel(RewardModel):
                                return_tensors="pt", images_kwargs={"do_rescale": False})
         return {k: v.to(images.device) for k, v in batch.items()}
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, prompts: list[str], targets: dict | None = None):
         batch = self.encode(images, prompts)
         ids = batch["input_ids"]
         is_reward = ids == self.reward_token_id

@@ -51,6 +51,16 @@ class ShapesTokenizer:
                 ids.append(self.index.get(match.lower(), self.index[UNK]))
         return ids or [self.index[UNK]]
 
+    def letter_bag(self, prompts: list[str]) -> torch.Tensor:
+        """[B, 36] multi-hot of the letters and digits quoted in each prompt (the text a sign should show)."""
+        first = self.index["#A"]
+        bag = torch.zeros(len(prompts), len(string.ascii_uppercase + string.digits))
+        for i, prompt in enumerate(prompts):
+            for token in self.tokens(prompt):
+                if first <= token < first + bag.shape[1]:
+                    bag[i, token - first] = 1
+        return bag
+
     def __call__(self, prompts: list[str], max_len: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, T] right-padded, lengths [B])."""
         if isinstance(prompts, str):
@@ -73,9 +83,15 @@ class PromptEncoder(torch.nn.Module):
         self.gru = torch.nn.GRU(dim, dim, batch_first=True, bidirectional=True)
         self.out = torch.nn.Linear(2 * dim, dim)
 
-    def forward(self, prompts: list[str], device) -> torch.Tensor:
+    def forward(self, prompts: list[str], device, words: bool = False):
+        """The prompt vector [B, dim]; with words=True also (word vectors [B, T, dim], padding mask [B, T])."""
         ids, lengths = self.tokenizer(prompts)
         packed = torch.nn.utils.rnn.pack_padded_sequence(self.embed(ids.to(device)), lengths, batch_first=True,
                                                          enforce_sorted=False)
-        _, h = self.gru(packed)  # [2, B, dim]: the last state of each direction
-        return torch.tanh(self.out(torch.cat([h[0], h[1]], dim=-1)))
+        seq, h = self.gru(packed)  # h: [2, B, dim], the last state of each direction
+        pooled = torch.tanh(self.out(torch.cat([h[0], h[1]], dim=-1)))
+        if not words:
+            return pooled
+        seq, _ = torch.nn.utils.rnn.pad_packed_sequence(seq, batch_first=True)
+        mask = torch.arange(seq.shape[1])[None, :] < lengths[:, None]
+        return pooled, torch.tanh(self.out(seq)), mask.to(device)

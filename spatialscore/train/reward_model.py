@@ -79,7 +79,18 @@ def load_data(cfg: RewardConfig, split: str, progress: bool) -> PairTensors:
     if path:
         return file_pairs(path, cfg.model.image_size)
     n, seed = (cfg.data.n_train, cfg.data.seed) if split == "train" else (cfg.data.n_val, cfg.data.val_seed)
-    return generated_pairs(n, seed, cfg.data.style, cfg.data.phrasing, cfg.model.image_size, progress=progress)
+    dense = split == "train" and cfg.train.aux_weight > 0 and cfg.model.arch == "relation"
+    return generated_pairs(n, seed, cfg.data.style, cfg.data.phrasing, cfg.model.image_size,
+                           target_grid=cfg.model.grid if dense else 0,
+                           tag_weights=dict(cfg.data.tag_weights) if split == "train" else None, progress=progress)
+
+
+def _both_targets(data: PairTensors, index: torch.Tensor, device) -> dict[str, torch.Tensor] | None:
+    """Cell targets of the chosen then the rejected images, matching the order of the image batch."""
+    chosen, rejected = data.cell_targets("chosen", index), data.cell_targets("rejected", index)
+    if chosen is None:
+        return None
+    return {k: torch.cat([chosen[k], rejected[k]]).to(device) for k in chosen}
 
 
 def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepspeed: str | None = None,
@@ -132,31 +143,33 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
             part = index[(k * world + rank) * micro:(k * world + rank + 1) * micro]
             prompts = [train_data.prompts[i] for i in part.tolist()]
             images = torch.cat([train_data.images("chosen", part), train_data.images("rejected", part)])
+            targets = _both_targets(train_data, part, accelerator.device) if t.aux_weight > 0 else None
             with accelerator.accumulate(model), accelerator.autocast():
-                mu, sigma = model(images.to(accelerator.device), prompts + prompts)
-                loss = pair_loss(t.loss, mu[:micro], sigma[:micro], mu[micro:], sigma[micro:])
+                mu, sigma, *aux = model(images.to(accelerator.device), prompts + prompts, targets=targets)
+                preference = pair_loss(t.loss, mu[:micro], sigma[:micro], mu[micro:], sigma[micro:])
+                loss = preference + t.aux_weight * aux[0] if aux else preference
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            losses.append(loss.detach())
-        mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            losses.append(torch.stack([loss.detach(), preference.detach()]))
+        mean_loss, mean_preference = accelerator.reduce(torch.stack(losses).mean(0), reduction="mean").tolist()
         if not math.isfinite(mean_loss):
             last = checkpoints(out)
             where = f"the last good checkpoint is {last[-1].path}" if last else "no checkpoint was written yet"
             raise SpatialScoreError(f"the loss became {mean_loss} at step {step + 1}; stopping ({where}). "
                                     f"Try a lower train.lr or train.max_grad_norm.")
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", preference=f"{mean_preference:.4f}")
         done = step + 1
-        metrics = {"loss": mean_loss, "lr": lr}
+        metrics = {"loss": mean_loss, "preference_loss": mean_preference, "lr": lr}
         if done % t.eval_every == 0 or done == t.steps:
             mu_c, mu_r = score_pairs(accelerator.unwrap_model(model), val_data, device=accelerator.device)
             report = accuracy_report(mu_c, mu_r, val_data.kinds)
             metrics |= {"val_accuracy": report["overall"], **{f"val_{k}": v for k, v in report["by_kind"].items()}}
             if main:
-                tqdm.write(f"step {done}: loss {mean_loss:.4f}  held-out accuracy {report['overall']:.4f}  "
+                tqdm.write(f"step {done}: loss {mean_loss:.4f} (preference {mean_preference:.4f})  held-out accuracy {report['overall']:.4f}  "
                            + "  ".join(f"{k} {v:.3f}" for k, v in report["by_kind"].items()))
         log.log(done, metrics)
         if done % t.save_every == 0 or done == t.steps:

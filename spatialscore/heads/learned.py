@@ -1,0 +1,148 @@
+"""Learned heads: `spatialscore`, a trained SpatialScore reward model (its mu), and `clip`, the CLIP-score
+baseline (cosine similarity of a CLIP model's image and text embeddings). Neither promises scores in [0, 1].
+
+transformers is imported when a `clip` head is built, not when this module registers it, so listing heads stays
+fast. The tiny CLIP (`tiny=True`) is built from a config and a vocabulary in code, for offline tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spatialscore.errors import SpatialScoreError
+from spatialscore.heads import RewardHead, RewardOutput, register_head
+from spatialscore.models.base import build_model, load_model, save_model
+
+CHECKPOINT_ENV = "SPATIALSCORE_REWARD_CHECKPOINT"
+TINY_RELATION = {"arch": "relation", "channels": 16, "text_dim": 32, "g_dim": 32, "f_dim": 32, "image_size": 64,
+                 "grid": 4}
+
+
+@register_head("spatialscore")
+class SpatialScoreHead(RewardHead):
+    """A trained SpatialScore reward model: score = mu, extras: sigma (unbounded, in the model's own units)."""
+
+    bounded = False
+
+    def __init__(self, checkpoint: str | None = None, batch_size: int = 32, device: str = "cpu"):
+        checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV)
+        if not checkpoint:
+            raise SpatialScoreError(f"head 'spatialscore' needs a reward-model checkpoint (a run or checkpoint "
+                                    f"directory): pass get_head('spatialscore', checkpoint=...) or set {CHECKPOINT_ENV}")
+        if batch_size < 1:
+            raise SpatialScoreError(f"head 'spatialscore': batch_size must be >= 1, got {batch_size}")
+        self.model = load_model(checkpoint).to(device).eval()
+        self.batch_size, self.device = batch_size, device
+
+    @classmethod
+    def example_kwargs(cls, tmp_path: Path) -> dict:
+        directory = Path(tmp_path) / "spatialscore-head"
+        save_model(build_model(TINY_RELATION), directory)
+        return {"checkpoint": str(directory)}
+
+    @torch.no_grad()
+    def score(self, images, prompts, meta) -> RewardOutput:
+        mus, sigmas = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            mu, sigma = self.model(images[start:end].to(self.device), prompts[start:end])[:2]
+            mus.append(mu.float().cpu())
+            sigmas.append(sigma.float().cpu())
+        if not mus:
+            return RewardOutput(torch.zeros(0), {"sigma": torch.zeros(0)})
+        return RewardOutput(torch.cat(mus), {"sigma": torch.cat(sigmas)})
+
+
+def tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer over the 256 byte-level characters (each alone and word-final, so no text is unknown)
+    with a few merges; a fixed list, so every process builds the same ids."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    merges = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("l", "e"), ("le", "f"), ("lef", "t</w>"),
+              ("r", "i"), ("ri", "g"), ("rig", "h"), ("righ", "t</w>")]  # pairs: the backend rejects "a b" strings
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_clip(tokenizer):
+    """A random CLIP (vision: 32 px images in 8 px patches; text: 32 positions; one layer of width 32 each)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+
+
+def load_clip(path: str):
+    from transformers import AutoTokenizer, CLIPModel
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise SpatialScoreError(f"head 'clip': pretrained={path}: no such directory (expected a local "
+                                f"from_pretrained directory of a CLIP model and its tokenizer)")
+    try:
+        model = CLIPModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise SpatialScoreError(f"head 'clip': pretrained={path}: not a loadable CLIP directory: {err}") from err
+    return model, tokenizer
+
+
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIPProcessor's image steps in torch: shortest side to `size` (bicubic), centre crop, CLIP mean/std."""
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False,
+                               antialias=True).clamp(0, 1)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    images = images[..., top:top + size, left:left + size]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@register_head("clip")
+class ClipHead(RewardHead):
+    """CLIP score: cosine similarity of CLIP's image and prompt embeddings, in [-1, 1] (a baseline)."""
+
+    bounded = False
+
+    def __init__(self, pretrained: str | None = None, tiny: bool = False):
+        if pretrained:
+            self.model, self.tokenizer = load_clip(pretrained)
+        elif tiny:
+            self.tokenizer = tiny_clip_tokenizer()
+            self.model = tiny_clip(self.tokenizer)
+        else:
+            raise SpatialScoreError("head 'clip' needs pretrained=<a local from_pretrained CLIP directory> "
+                                    "or tiny=True (a random tiny CLIP, for tests)")
+        self.model.eval()
+
+    @classmethod
+    def example_kwargs(cls, tmp_path: Path) -> dict:
+        return {"tiny": True}
+
+    @torch.no_grad()
+    def score(self, images, prompts, meta) -> RewardOutput:
+        if not prompts:
+            return RewardOutput(torch.zeros(0))
+        config, device = self.model.config, self.model.device
+        text = self.tokenizer(list(prompts), padding=True, truncation=True,
+                              max_length=config.text_config.max_position_embeddings, return_tensors="pt")
+        out = self.model(input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device),
+                         pixel_values=clip_pixels(images.to(device).float(), config.vision_config.image_size))
+        return RewardOutput(F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).float().cpu())
