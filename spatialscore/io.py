@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from spatialscore.errors import SpatialScoreError
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -26,3 +28,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def local_model_dir(path: str, field: str, what: str) -> Path:
+    """A local from_pretrained directory (weights are never downloaded), or an error naming the field."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise SpatialScoreError(f"{field}: {path}: no such directory (expected a local from_pretrained directory "
+                                f"of {what})")
+    return directory

@@ -1,7 +1,6 @@
 """The reward-head registry, parametrised over every registered head (timm style), and the plugin entry point."""
 
 import os
-import random
 import subprocess
 import sys
 import textwrap

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from spatialscore.errors import SpatialScoreError
+from spatialscore.io import local_model_dir
 from spatialscore.heads import RewardHead, RewardOutput, register_head
 from spatialscore.models.base import build_model, load_model, save_model
 
@@ -86,10 +87,7 @@ def tiny_clip(tokenizer):
 def load_clip(path: str):
     from transformers import AutoTokenizer, CLIPModel
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise SpatialScoreError(f"head 'clip': pretrained={path}: no such directory (expected a local "
-                                f"from_pretrained directory of a CLIP model and its tokenizer)")
+    directory = local_model_dir(path, "head 'clip': pretrained", "a CLIP model and its tokenizer")
     try:
         model = CLIPModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

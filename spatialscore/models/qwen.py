@@ -12,7 +12,6 @@ is always passed so the 3D rope positions are right, and the tiny model's tokeni
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from spatialscore.errors import SpatialScoreError
+from spatialscore.io import local_model_dir
 from spatialscore.models.base import GaussianHead, RewardModel, register_arch
 
 DEFAULTS = {"pretrained": None, "tiny": False, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -73,10 +73,7 @@ def tiny_processor(image_size: int) -> ImageTextProcessor:
 
 
 def load_pretrained(path: str) -> tuple[Qwen2_5_VLModel, ImageTextProcessor]:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise SpatialScoreError(f"model.pretrained: {path}: no such directory (expected a local from_pretrained "
-                                f"directory of a Qwen2.5-VL model)")
+    directory = local_model_dir(path, "model.pretrained", "a Qwen2.5-VL model")
     try:
         backbone = Qwen2_5_VLModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
         processor = ImageTextProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory),
