@@ -127,8 +127,8 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
             kept = {k: state[k] for k in unwrapped.saved_state()}
             holder = _Saved(unwrapped, kept)
             if directory is None:
-                plain_optimizer = None if deepspeed else optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-                save_checkpoint(out, step, holder, plain_optimizer, {"world_size": world})
+                # accelerate wraps the torch optimizer; DeepSpeed keeps its (partitioned) state to itself
+                save_checkpoint(out, step, holder, None if deepspeed else optimizer.optimizer, {"world_size": world})
             else:
                 save_model(holder, directory)
         accelerator.wait_for_everyone()
@@ -177,9 +177,9 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
     bar.close()
     save(t.steps, out / "final")
     log.close()
-    world_size = accelerator.num_processes
     shutdown(accelerator, model, optimizer)
-    return {"out": str(out), "steps": t.steps, "world_size": world_size, "final_loss": mean_loss if t.steps > start else None,
+    return {"out": str(out), "steps": t.steps, "world_size": world,
+            "final_loss": mean_loss if t.steps > start else None,
             "validation": report}
 
 
