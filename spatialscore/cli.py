@@ -176,8 +176,10 @@ def _relaunch(args, argv: list[str]) -> int:
     env = dict(os.environ)
     if args.nproc > 1:
         cmd.append("--multi_gpu")
-        if not torch.cuda.is_available():
-            env["ACCELERATE_USE_CPU"] = "true"  # `--cpu --num_processes N` silently runs one process
+        if not torch.cuda.is_available() and args.launch in (None, "ddp"):
+            # `--cpu --num_processes N` silently runs one process; DeepSpeed needs the flag unset, since accelerate
+            # drops a DeepSpeed plugin for plain DDP under it (DeepSpeed brings its own CPU accelerator)
+            env["ACCELERATE_USE_CPU"] = "true"
     cmd += ["-m", "spatialscore.cli", *argv, "--worker"]
     return subprocess.run(cmd, env=env).returncode
 

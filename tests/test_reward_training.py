@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from spatialscore.cli import main
 from spatialscore.config import RewardConfig, load_config
 from spatialscore.errors import SpatialScoreError
-from spatialscore.train import reward_model
+from spatialscore.train import reward_model, runtime
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "reward.yaml"
 TINY = ["model.channels=16", "model.text_dim=32", "model.g_dim=32", "model.f_dim=32", "data.n_train=48",
@@ -109,6 +109,40 @@ def test_two_process_launch_on_cpu(launch, tmp_path):
     assert rows[0]["world_size"] == 2 and rows[0]["micro_batch"] == 4
     assert all(r["loss"] == r["loss"] for r in rows[1:])  # finite, logged every step
     assert (run / "final" / "model.safetensors").is_file() and (run / "checkpoints" / "step-4").is_dir()
+
+
+@pytest.mark.parametrize("launch", ["zero2", "zero3"])
+def test_zero_resume_restores_the_partitioned_optimizer_state_bitwise(launch, tmp_path):
+    """Resuming a DeepSpeed run from its mid-way checkpoint ends where the uninterrupted run ends, bit for bit, and
+    carries on the optimizer state: the Adam step counts keep counting from the checkpoint (a fresh optimizer would
+    restart them at 0) and each process's moments match the uninterrupted run's."""
+    args = [EXE, "train-reward", str(RECIPE), *TINY, "train.steps=6", "train.save_every=3", "--launch", launch,
+            "--nproc", "2"]
+    halfway = tmp_path / "straight" / "checkpoints" / "step-3"
+    for name, extra in [("straight", []), ("resumed", ["--resume", str(halfway)])]:
+        result = subprocess.run([*args, "--out", str(tmp_path / name), *extra], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-6"]  # no temp dirs
+    for rank in range(2):
+        name = f"checkpoints/step-6/optimizer-rank{rank}.safetensors"
+        straight, resumed = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        steps = [v for k, v in resumed.items() if k.endswith(".step")]
+        assert steps and all(int(v) == 6 for v in steps)
+        assert any("exp_avg_sq" in k for k in resumed)
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_zero_resume_needs_the_same_stage_and_process_count(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3, "zero_stage": 2, "world_size": 2}))
+    with pytest.raises(SpatialScoreError, match=r"--resume .*ZeRO stage 2 .*ZeRO stage 3"):
+        runtime.load_checkpoint(tmp_path, None, None, zero_stage=3, world_size=2)
+    with pytest.raises(SpatialScoreError, match=r"--resume .*ZeRO stage 2 .*none \(no DeepSpeed\)"):
+        runtime.load_checkpoint(tmp_path, None, None)
+    with pytest.raises(SpatialScoreError, match=r"--resume .*saved by 2 processes but this run has 4.*--nproc 2"):
+        runtime.load_checkpoint(tmp_path, None, None, zero_stage=2, world_size=4)
 
 
 def test_the_shapes_recipe_learns(tmp_path):

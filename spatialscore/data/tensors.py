@@ -51,15 +51,16 @@ def cache_dir() -> Path:
 def _one(job) -> tuple[dict[str, np.ndarray], str, list[str]]:
     from spatialscore.data.pairs import PairSpec, make_pair
     from spatialscore.data.scene import Scene
-    from spatialscore.data.targets import cell_targets
+    from spatialscore.data.targets import cell_targets, relation_targets
 
     index, spec, grid = job
     weights = tuple((tag, weight) for tag, weight in spec["tag_weights"])
     record, chosen, rejected = make_pair(index, PairSpec(**{**spec, "tag_weights": weights}))
     arrays = {"chosen": np.asarray(chosen), "rejected": np.asarray(rejected)}
     for side in ("chosen", "rejected") if grid else ():
-        for key, value in cell_targets(Scene.from_dict(record["meta"]["scenes"][side]), grid).items():
+        for key, value in cell_targets(Scene.from_dict(record["meta"]["scenes"][side]), grid, record["meta"]).items():
             arrays[f"{side}.{key}"] = value
+        arrays[f"{side}.relations"] = relation_targets(record["meta"])
     return arrays, record["prompt"], record["perturbation"]["kinds"]
 
 
@@ -69,7 +70,7 @@ def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: in
     """n shapes-world pairs (cached); with target_grid > 0 also the dense cell targets of both images."""
     spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
             "tag_weights": sorted((tag_weights or {}).items())}
-    key = hashlib.sha256(json.dumps({**spec, "n": n, "grid": target_grid, "version": 2}, sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps({**spec, "n": n, "grid": target_grid, "version": 6}, sort_keys=True).encode())
     base = cache_dir() / f"pairs-{key.hexdigest()[:16]}"
     if not (base / "meta.json").is_file():
         jobs = [(i, spec, target_grid) for i in range(n)]

@@ -57,29 +57,40 @@ class SpatialScoreHead(RewardHead):
         return RewardOutput(torch.cat(mus), {"sigma": torch.cat(sigmas)})
 
 
-def tiny_clip_tokenizer():
+def tiny_clip_tokenizer(specials_last: bool = False):
     """A CLIP BPE tokenizer over the 256 byte-level characters (each alone and word-final, so no text is unknown)
-    with a few merges; a fixed list, so every process builds the same ids."""
+    with a few merges; a fixed list, so every process builds the same ids. `specials_last` numbers
+    <|startoftext|> and <|endoftext|> last and pads with "!" (id 0), as real CLIP and OWLv2 do: OWLv2 pools each
+    query at its highest token id and takes a query that starts with id 0 for padding."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
     merges = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("l", "e"), ("le", "f"), ("lef", "t</w>"),
               ("r", "i"), ("ri", "g"), ("rig", "h"), ("righ", "t</w>")]  # pairs: the backend rejects "a b" strings
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)]
+    tokens = [*tokens, *specials] if specials_last else [*specials, *tokens]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    return CLIPTokenizer(vocab=vocab, merges=merges, **({"pad_token": chars[0]} if specials_last else {}))
+
+
+def tiny_towers(tokenizer, image_size: int) -> tuple[dict, dict]:
+    """Text and vision tower configs of a tiny CLIP-family model: one layer of width 32 each, 32 text positions,
+    8 px patches."""
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2}
+    return text, vision
 
 
 def tiny_clip(tokenizer):
     """A random CLIP (vision: 32 px images in 8 px patches; text: 32 positions; one layer of width 32 each)."""
     from transformers import CLIPConfig, CLIPModel
 
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2}
+    text, vision = tiny_towers(tokenizer, 32)
     torch.manual_seed(0)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
 

@@ -1,6 +1,7 @@
 """Built-in heads that read images with the shapes-world oracle's detector (colour segmentation, hull-based
 shapes, tesseract on signs): `oracle`, `counting`, `text` and `binding`. They are exact on shapes-world images
-and serve as the reference rewards that learned heads are compared with."""
+and serve as the reference rewards that learned heads are compared with; `counting` can also count with an
+open-vocabulary detector (heads/detector.py), for images from outside the shapes world."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from PIL import Image
 from spatialscore.data.clauses import Detection, evaluate, normalise_text
 from spatialscore.data.oracle import detect
 from spatialscore.data.vocab import SIGN_CLASS
+from spatialscore.errors import SpatialScoreError
 from spatialscore.heads import RewardHead, RewardOutput, register_head
+from spatialscore.heads.detector import OpenVocabDetector, load_owlv2, tiny_owlv2
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -63,16 +66,47 @@ class OracleHead(_DetectingHead):
         return share, {"passed": float(verdict.passed)}
 
 
+def count_reward(found: list[int], asked: list[int]) -> float:
+    """Mean exp(-|found - asked|): 1 per exact count, falling off with each object too many or too few."""
+    terms = [math.exp(-abs(f - a)) for f, a in zip(found, asked)]
+    return sum(terms) / len(terms) if terms else 1.0
+
+
+def query_phrase(entry: dict) -> str:
+    """The detector query for one include entry: its colour (when given) and class."""
+    return " ".join(["a photo of a", *([entry["color"]] if entry.get("color") else []), entry["class"]])
+
+
 @register_head("counting")
 class CountingHead(_DetectingHead):
-    """Mean exp(-|found - asked|) over the prompt's objects (class and colour), 1.0 when every count is right."""
+    """Mean exp(-|found - asked|) over the prompt's objects (class and colour), 1.0 when every count is right.
+
+    Objects are found by the shapes-world oracle, or with `detector=<a local OWLv2 directory>` by an
+    open-vocabulary detector queried with "a photo of a {color} {class}" (`tiny=True`: a random tiny one, for
+    tests); `threshold` is the detector's box probability cut-off."""
+
+    def __init__(self, detector: str | None = None, tiny: bool = False, threshold: float = 0.3):
+        if not 0 <= threshold <= 1:
+            raise SpatialScoreError(f"head 'counting': threshold must lie in [0, 1], got {threshold}")
+        if detector:
+            self.detector = OpenVocabDetector(*load_owlv2(detector, "head 'counting': detector"), threshold)
+        elif tiny:
+            self.detector = OpenVocabDetector(*tiny_owlv2(), threshold)
+        else:
+            self.detector = None
+
+    def score(self, images, prompts, meta) -> RewardOutput:
+        if self.detector is None:
+            return super().score(images, prompts, meta)
+        entries = [m.get("include", []) for m in meta]
+        found = self.detector.count(images, [[query_phrase(e) for e in es] for es in entries])
+        scores = [count_reward(f, [int(e.get("count", 1)) for e in es]) for f, es in zip(found, entries)]
+        return RewardOutput(torch.tensor(scores, dtype=torch.float32))
 
     def judge(self, detections, meta):
-        terms = []
-        for entry in meta.get("include", []):
-            found = sum(d.cls == entry["class"] and entry.get("color") in (None, d.color) for d in detections)
-            terms.append(math.exp(-abs(found - int(entry.get("count", 1)))))
-        return (sum(terms) / len(terms) if terms else 1.0), {}
+        entries = meta.get("include", [])
+        found = [sum(d.cls == e["class"] and e.get("color") in (None, d.color) for d in detections) for e in entries]
+        return count_reward(found, [int(e.get("count", 1)) for e in entries]), {}
 
 
 @register_head("text")

@@ -19,8 +19,9 @@ from spatialscore.data.tensors import PairTensors, file_pairs, generated_pairs
 from spatialscore.errors import SpatialScoreError
 from spatialscore.models.base import RewardModel, build_model, save_model
 from spatialscore.train.losses import bt_loss, gaussian_bt_loss, pairwise_accuracy
-from spatialscore.train.runtime import (MetricLog, checkpoints, load_checkpoint, make_accelerator, resolve_resume,
-                                        save_checkpoint, seed_everything, shutdown)
+from spatialscore.train.runtime import (MetricLog, checkpoints, load_checkpoint, load_zero_partition, make_accelerator,
+                                        resolve_resume, save_checkpoint, seed_everything, shutdown,
+                                        stage_zero_checkpoint)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -86,11 +87,14 @@ def load_data(cfg: RewardConfig, split: str, progress: bool) -> PairTensors:
 
 
 def _both_targets(data: PairTensors, index: torch.Tensor, device) -> dict[str, torch.Tensor] | None:
-    """Cell targets of the chosen then the rejected images, matching the order of the image batch."""
+    """Cell targets of the chosen then the rejected images, matching the order of the image batch, and which of
+    those images are faithful to their prompt."""
     chosen, rejected = data.cell_targets("chosen", index), data.cell_targets("rejected", index)
     if chosen is None:
         return None
-    return {k: torch.cat([chosen[k], rejected[k]]).to(device) for k in chosen}
+    both = {k: torch.cat([chosen[k], rejected[k]]).to(device) for k in chosen}
+    both["faithful"] = torch.cat([torch.ones(len(index)), torch.zeros(len(index))]).bool().to(device)
+    return both
 
 
 def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepspeed: str | None = None,
@@ -102,33 +106,44 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
         raise SpatialScoreError(f"train.batch_size={t.batch_size} must divide evenly over grad_accum={t.grad_accum} "
                                 f"x {world} processes")
     micro = t.batch_size // (t.grad_accum * world)
+    zero_stage = None
+    if deepspeed:  # accelerate infers these from a DataLoader, and this loop has none
+        plugin = accelerator.state.deepspeed_plugin
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_clipping=t.max_grad_norm)
+        zero_stage = plugin.zero_stage
     seed_everything(t.seed)
     model: RewardModel = build_model(dataclasses.asdict(cfg.model))
     with accelerator.main_process_first():
         train_data, val_data = load_data(cfg, "train", progress and main), load_data(cfg, "val", progress and main)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    start = 0
-    if resume:
-        start = load_checkpoint(resolve_resume(resume), model, optimizer)["step"]
+    start, resume_from = 0, resolve_resume(resume) if resume else None
+    if resume_from:
+        start = load_checkpoint(resume_from, model, optimizer, zero_stage, world)["step"]
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
     log = MetricLog(out, dataclasses.asdict(cfg), cfg.report_to, enabled=main)
     log.log(start, {"world_size": world, "micro_batch": micro, "resumed_from": start})
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from and deepspeed:  # DeepSpeed builds its partitioned optimizer state in prepare
+        load_zero_partition(resume_from, optimizer.optimizer, rank, world)
     bar = tqdm(total=t.steps, initial=start, desc="train-reward", unit="step", disable=not (progress and main))
     report: dict = {}
 
     def save(step: int, directory: Path | None = None) -> None:
         state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
+        # accelerate wraps the torch optimizer; DeepSpeed's is partitioned, so every process writes its part
+        staged = None
+        if deepspeed and directory is None:
+            staged = stage_zero_checkpoint(accelerator, out, step, optimizer.optimizer)
         if main:
             unwrapped = accelerator.unwrap_model(model)
             kept = {k: state[k] for k in unwrapped.saved_state()}
             holder = _Saved(unwrapped, kept)
             if directory is None:
-                # accelerate wraps the torch optimizer; DeepSpeed keeps its (partitioned) state to itself
-                save_checkpoint(out, step, holder, None if deepspeed else optimizer.optimizer, {"world_size": world})
+                save_checkpoint(out, step, holder, None if deepspeed else optimizer.optimizer,
+                                {"world_size": world, "zero_stage": zero_stage}, staged)
             else:
                 save_model(holder, directory)
         accelerator.wait_for_everyone()

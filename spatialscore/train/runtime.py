@@ -5,6 +5,11 @@ A checkpoint is a directory `checkpoints/step-N/` holding the model (`config.jso
 temporary name and renamed into place, so a crash or SIGKILL leaves either the previous checkpoint or a complete new
 one. Resuming restores weights, optimizer moments, RNG streams and the step; the data order is a pure function of
 (seed, step), so a resumed run replays exactly the batches the uninterrupted run would have seen.
+
+Under DeepSpeed ZeRO the optimizer state is partitioned over the processes, so instead of `optimizer.safetensors`
+each process writes its own part, `optimizer-rank{R}.safetensors` (tensors) + `optimizer-rank{R}.json` (the rest),
+into the temporary directory before the main process renames it; such a checkpoint resumes only with the same
+ZeRO stage and number of processes. Nothing is pickled: DeepSpeed's own checkpoints are torch pickles.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | None = None):
     """An Accelerator for this machine: gloo on CPU, the DeepSpeed preset `launch/deepspeed/<name>.json` if asked."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
 
     kwargs = {}
     if deepspeed:
@@ -48,8 +53,13 @@ def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | No
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     if deepspeed and not torch.cuda.is_available():
         precision = "no"  # DeepSpeed's bf16 optimizer needs CUDA; on CPU it trains in fp32
-    return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=precision, kwargs_handlers=handlers,
-                       **kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=precision,
+                              kwargs_handlers=handlers, **kwargs)
+    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        # accelerate drops the plugin silently (e.g. under ACCELERATE_USE_CPU) and would train plain DDP instead
+        raise SpatialScoreError(f"--launch {deepspeed}: accelerate did not start DeepSpeed (it runs "
+                                f"{accelerator.distributed_type.value}); unset ACCELERATE_USE_CPU")
+    return accelerator
 
 
 def shutdown(accelerator, *objects) -> None:
@@ -118,14 +128,17 @@ def checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | None = None) -> Path:
-    """Write checkpoints/step-N atomically (directory rename); model via models.base.save_model."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | None = None,
+                    staged: Path | None = None) -> Path:
+    """Write checkpoints/step-N atomically (directory rename); model via models.base.save_model. `staged` is the
+    temporary directory other processes already wrote their parts into (see stage_zero_checkpoint)."""
     from spatialscore.models.base import save_model
 
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(f".tmp-step-{step}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staged or final.with_name(f".tmp-step-{step}-{os.getpid()}")
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     save_model(model, tmp)
     if optimizer is not None:
         opt_tensors, groups = _optimizer_tensors(optimizer)
@@ -142,8 +155,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | No
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model weights, optimizer moments and RNG streams; returns state.json."""
+def load_checkpoint(path: Path, model, optimizer, zero_stage: int | None = None, world_size: int = 1) -> dict:
+    """Restore model weights, optimizer moments and RNG streams; returns state.json. Under DeepSpeed (`zero_stage`)
+    the optimizer state comes later, from load_zero_partition once the engine exists."""
     from spatialscore.models.base import load_model
 
     path = Path(path)
@@ -151,12 +165,105 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         raise SpatialScoreError(f"--resume {path}: not a checkpoint (no state.json); "
                                 f"give a run directory or one of its checkpoints/step-N")
     state = json.loads((path / "state.json").read_text())
+    saved_stage = state.get("zero_stage")
+    if saved_stage != zero_stage:
+        raise SpatialScoreError(f"--resume {path}: the checkpoint holds optimizer state for ZeRO stage "
+                                f"{saved_stage or 'none (no DeepSpeed)'} but this run uses ZeRO stage "
+                                f"{zero_stage or 'none (no DeepSpeed)'}; resume with the --launch it was saved with")
+    if zero_stage is not None and state.get("world_size") != world_size:
+        raise SpatialScoreError(f"--resume {path}: the checkpoint was saved by {state.get('world_size')} processes "
+                                f"but this run has {world_size}; ZeRO partitions the optimizer state per process, "
+                                f"so resume with --nproc {state.get('world_size')}")
     saved = load_model(path)
     model.load_state_dict(saved.state_dict(), strict=False)
     if optimizer is not None and state.get("param_groups") is not None:
         _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["param_groups"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+# What DeepSpeed's load_state_dict does without: the loss scaler is an object, static under fp32 and bf16 (the
+# live one is kept), and the parameter slice mappings are rebuilt by the optimizer itself.
+_ZERO_DROPPED = ("loss_scaler", "param_slice_mappings")
+_TENSOR, _INT_KEYS = "__tensor__", "__int_keys__"
+
+
+def _join(key: str, part: str | int) -> str:
+    return f"{key}.{part}" if key else str(part)
+
+
+def _encode(value, key: str, tensors: dict[str, torch.Tensor]):
+    """`value` as JSON, each tensor moved into `tensors` under its dotted path; dicts keyed by int (torch optimizer
+    state) are tagged so the keys come back as ints."""
+    if torch.is_tensor(value):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, _join(key, k), tensors) for k, v in value.items()}
+        if all(isinstance(k, int) for k in value):
+            return {_INT_KEYS: {str(k): _encode(v, _join(key, k), tensors) for k, v in value.items()}}
+    elif isinstance(value, (list, tuple)):
+        return [_encode(v, _join(key, i), tensors) for i, v in enumerate(value)]
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise SpatialScoreError(f"cannot checkpoint the DeepSpeed optimizer state: {key} is a {type(value).__name__}, "
+                            f"which has no JSON form (new in this DeepSpeed version?)")
+
+
+def _decode(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        if set(value) == {_INT_KEYS}:
+            return {int(k): _decode(v, tensors) for k, v in value[_INT_KEYS].items()}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def _is_zero3(zero_optimizer) -> bool:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def stage_zero_checkpoint(accelerator, run_dir: Path, step: int, zero_optimizer) -> Path:
+    """Every process writes its part of the ZeRO optimizer state (moments, step counts, fp32 master weights) into
+    the temporary directory of checkpoints/step-N and returns it once all have; the main process then completes it
+    with save_checkpoint(..., staged=). Call on every process."""
+    staged = Path(run_dir) / "checkpoints" / f".tmp-step-{step}-zero"
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state = {k: v for k, v in zero_optimizer.state_dict().items() if k not in _ZERO_DROPPED}
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, "", tensors)
+    name = staged / f"optimizer-rank{accelerator.process_index}"
+    save_file(tensors, str(name.with_suffix(".safetensors")))
+    atomic_write_text(name.with_suffix(".json"), json.dumps(structure, indent=1))
+    accelerator.wait_for_everyone()
+    return staged
+
+
+def load_zero_partition(path: Path, zero_optimizer, rank: int, world_size: int) -> None:
+    """Load this process's part of the ZeRO optimizer state written by stage_zero_checkpoint; the layout must be the
+    one it was saved with (load_checkpoint checks stage and process count). Call on every process."""
+    name = Path(path) / f"optimizer-rank{rank}"
+    if not name.with_suffix(".safetensors").is_file() or not name.with_suffix(".json").is_file():
+        raise SpatialScoreError(f"--resume {path}: {name.name}.safetensors/.json missing; the checkpoint has no "
+                                f"DeepSpeed optimizer state for process {rank}")
+    state = _decode(json.loads(name.with_suffix(".json").read_text()), load_file(str(name.with_suffix(".safetensors"))))
+    state["loss_scaler"] = zero_optimizer.loss_scaler
+    parts: list[dict | None] = [None] * world_size  # not elastic: each process reads only its own part
+    parts[rank] = state
+    if _is_zero3(zero_optimizer):  # re-partition parameters around the load, as DeepSpeed's load_checkpoint does
+        zero_optimizer.checkpoint_event_prologue()
+    zero_optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
+    if _is_zero3(zero_optimizer):
+        zero_optimizer.checkpoint_event_epilogue()
 
 
 def resolve_resume(resume: str | Path) -> Path:
