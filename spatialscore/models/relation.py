@@ -85,13 +85,14 @@ class RelationReward(RewardModel):
         self.g_first, self.g_second = nn.Linear(obj, g), nn.Linear(obj, g, bias=False)
         self.g_text = nn.Linear(q, g, bias=False)
         # each object looks up the words that describe it; g sees both objects' readings (attribute binding)
-        self.word_query = nn.Linear(obj - 2, t)
+        self.word_query = nn.Linear(obj - 2 - len(LETTERS), t)
         self.g_word_first, self.g_word_second = nn.Linear(t, g, bias=False), nn.Linear(t, g, bias=False)
         # what those words ask of the object: a colour ("none" when they name none) and a class
         self.asked_color, self.asked_shape = nn.Linear(t, len(CELL_COLORS)), nn.Linear(t, len(CELL_SHAPES))
         self.asked_total = nn.Linear(q, 1)  # how many objects (signs included) the whole prompt asks for
         # the clause tying a pair, found by attention, becomes the displacement the prompt expects
-        self.subject_query, self.object_query = nn.Linear(obj - 2, t), nn.Linear(obj - 2, t, bias=False)
+        content = obj - 2 - len(LETTERS)
+        self.subject_query, self.object_query = nn.Linear(content, t), nn.Linear(content, t, bias=False)
         self.null_word = nn.Parameter(torch.zeros(t))
         self.expect = nn.Sequential(nn.Linear(3 * t, t), nn.ReLU(), nn.Linear(t, 2))
         # measured displacement, expected displacement and their product: "left of" is a sign test
@@ -139,8 +140,11 @@ class RelationReward(RewardModel):
         q = torch.cat([pooled, bag], -1)
         scale = words.shape[-1] ** -0.5
         # words are looked up by what an object is, never by where it is: on faithful images "the subject of
-        # left of" is always the object on the left, and a query that saw positions would learn that shortcut
-        content = torch.cat([objects[..., :self.position_slice.start], objects[..., self.position_slice.stop:]], -1)
+        # left of" is always the object on the left, and a query that saw positions would learn that shortcut.
+        # Nor by the letters it shows: they are compared with the prompt's letters below, and are noise here
+        # until the letter spotter has learned.
+        content = torch.cat([objects[..., :self.position_slice.start],
+                             objects[..., self.position_slice.stop:-len(LETTERS)]], -1)
         scores = self.word_query(content) @ words.transpose(1, 2) * scale  # [B, k, T]
         reading = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1) @ words  # [B, k, t]
 
@@ -248,14 +252,17 @@ def reading_loss(readings: dict[str, torch.Tensor], top: torch.Tensor, targets: 
 def cell_loss(pred: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """Colour and shape cross-entropy, averaged separately over object cells and empty cells — most cells are
     empty, and a plain mean lets the model ignore the few that matter — plus, where there is an object, the
-    offset regression; and the letters where glyphs are drawn."""
+    offset regression; and sign letters, both where each glyph is drawn and, gathered, at the sign's cell."""
     color, shape = targets["color"].long(), targets["shape"].long()
     present = (shape > 0).float()
     loss = balanced_mean(F.cross_entropy(pred["color"], color, reduction="none"), present)
     loss = loss + balanced_mean(F.cross_entropy(pred["shape"], shape, reduction="none"), present)
     offset = torch.tanh(pred["offset"]).permute(0, 2, 3, 1)
     loss = loss + ((offset - targets["offset"]) ** 2).sum(-1).mul(present).sum() / present.sum().clamp(min=1)
-    return loss + glyph_loss(pred["glyphs"], targets["glyphs"])
+    signs = shape == CELL_SHAPES.index(SIGN_CLASS)  # may select nothing: the loss is then 0, still in the graph
+    shown = targets["letters"][signs].float()
+    read = F.binary_cross_entropy_with_logits(pred["letters"].permute(0, 2, 3, 1)[signs], shown, reduction="none")
+    return loss + glyph_loss(pred["glyphs"], targets["glyphs"]) + balanced_mean(read, shown)
 
 
 def glyph_loss(logits: torch.Tensor, glyphs: torch.Tensor) -> torch.Tensor:
