@@ -1,7 +1,11 @@
 """Reward-model throughput and memory: images/s when scoring at batch 32, and the peak memory of one training
 process under plain DDP (ZeRO-0) vs DeepSpeed ZeRO-3, both with 2 processes, measured side by side in this run.
 
-    .venv/bin/python benchmarks/reward_throughput.py [--recipe recipes/shapes/reward.yaml] [--steps 10]
+    .venv/bin/python benchmarks/reward_throughput.py [--recipe recipes/shapes/reward.yaml] [--steps 10] \
+        [key=value ...]   # recipe overrides for the memory runs, e.g. a wider model: model.channels=256
+
+The demo model has 0.6M parameters, so its processes' memory is mostly the runtime and the data; ZeRO-3's savings
+(parameters, gradients and Adam moments split over the processes) show once the model is wide.
 
 Peak memory is the largest resident set of any child process (ru_maxrss of RUSAGE_CHILDREN), so each launch runs
 in its own helper process and reports its own children.
@@ -37,7 +41,7 @@ def images_per_second(recipe: str, batch: int = 32, batches: int = 8) -> float:
     return batch * batches / (time.perf_counter() - start)
 
 
-def peak_rss_mb(recipe: str, launch: str, steps: int) -> float:
+def peak_rss_mb(recipe: str, launch: str, steps: int, overrides: list[str]) -> float:
     """Run a short 2-process training in a child that reports its own children's peak RSS."""
     code = (
         "import json, resource, subprocess, sys; "
@@ -48,7 +52,7 @@ def peak_rss_mb(recipe: str, launch: str, steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         cmd = [str(Path(sys.executable).parent / "spatialscore"), "train-reward", recipe, f"train.steps={steps}",
                f"train.eval_every={steps}", f"train.save_every={steps}", "data.n_train=256", "data.n_val=32",
-               "--launch", launch, "--nproc", "2", "--out", out]
+               *overrides, "--launch", launch, "--nproc", "2", "--out", out]
         result = json.loads(subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True).stdout)
     if result["rc"] != 0:
         raise SystemExit(f"{launch} run failed: {result['err']}")
@@ -59,12 +63,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "shapes" / "reward.yaml"))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("overrides", nargs="*", help="recipe key=value overrides for the memory runs")
     args = parser.parse_args()
     print(f"scoring: {images_per_second(args.recipe):.1f} images/s at batch 32 ({torch.get_num_threads()} threads)")
-    ddp = peak_rss_mb(args.recipe, "ddp", args.steps)
-    zero3 = peak_rss_mb(args.recipe, "zero3", args.steps)
-    print(f"peak memory per process, 2 processes: ZeRO-0 (DDP) {ddp:.0f} MB, ZeRO-3 {zero3:.0f} MB, "
-          f"ratio ZeRO-3 / ZeRO-0 = {zero3 / ddp:.2f}")
+    cfg = load_config(RewardConfig, args.recipe, args.overrides)
+    params = sum(p.numel() for p in build_model(dataclasses.asdict(cfg.model)).parameters())
+    ddp = peak_rss_mb(args.recipe, "ddp", args.steps, args.overrides)
+    zero3 = peak_rss_mb(args.recipe, "zero3", args.steps, args.overrides)
+    print(f"peak memory per process, 2 processes, {params / 1e6:.1f}M parameters: ZeRO-0 (DDP) {ddp:.0f} MB, "
+          f"ZeRO-3 {zero3:.0f} MB, ratio ZeRO-3 / ZeRO-0 = {zero3 / ddp:.2f}")
 
 
 if __name__ == "__main__":

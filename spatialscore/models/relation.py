@@ -62,7 +62,7 @@ def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
 
 class RelationReward(RewardModel):
     """Cells -> (auxiliary) per-cell colour, shape, offset and sign letters -> the `objects` most object-like cells
-    -> g over all their ordered pairs with the prompt -> sum -> f -> Gaussian head."""
+    -> g over all their ordered pairs with the prompt -> sum, with the clause evidence -> f -> Gaussian head."""
 
     arch = "relation"
 
@@ -84,14 +84,14 @@ class RelationReward(RewardModel):
         q = t + len(LETTERS)  # the prompt's encoding and the letters it quotes
         self.g_first, self.g_second = nn.Linear(obj, g), nn.Linear(obj, g, bias=False)
         self.g_text = nn.Linear(q, g, bias=False)
+        content = obj - 2 - len(LETTERS)  # what queries see of an object: not its position nor its letters
         # each object looks up the words that describe it; g sees both objects' readings (attribute binding)
-        self.word_query = nn.Linear(obj - 2 - len(LETTERS), t)
+        self.word_query = nn.Linear(content, t)
         self.g_word_first, self.g_word_second = nn.Linear(t, g, bias=False), nn.Linear(t, g, bias=False)
         # what those words ask of the object: a colour ("none" when they name none) and a class
         self.asked_color, self.asked_shape = nn.Linear(t, len(CELL_COLORS)), nn.Linear(t, len(CELL_SHAPES))
         self.asked_total = nn.Linear(q, 1)  # how many objects (signs included) the whole prompt asks for
         # the clause tying a pair, found by attention, becomes the displacement the prompt expects
-        content = obj - 2 - len(LETTERS)
         self.subject_query, self.object_query = nn.Linear(content, t), nn.Linear(content, t, bias=False)
         self.null_word = nn.Parameter(torch.zeros(t))
         self.expect = nn.Sequential(nn.Linear(3 * t, t), nn.ReLU(), nn.Linear(t, 2))
