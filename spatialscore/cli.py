@@ -209,14 +209,42 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _named_head(reward: str):
+    """--reward given as a registered head name (a bare word that is no directory here): that head, or an error
+    listing the known names with a suggestion. None for a path: the caller loads the checkpoint."""
+    from spatialscore.heads import get_head
+
+    return None if Path(reward).exists() or "/" in reward or "\\" in reward else get_head(reward)
+
+
+def _head_scores(head, data, batch_size: int):
+    """(scores of the chosen images, of the rejected ones) from a reward head, with each pair's metadata."""
+    import torch
+    from tqdm import tqdm
+
+    scores = {"chosen": [], "rejected": []}
+    for start in tqdm(range(0, len(data), batch_size), desc="scoring"):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        meta = [data.meta[i] for i in index.tolist()] if data.meta else None
+        for side in scores:
+            scores[side].append(head(data.images(side, index), [data.prompts[i] for i in index.tolist()],
+                                     meta).scores.float())
+    return torch.cat(scores["chosen"]), torch.cat(scores["rejected"])
+
+
 def cmd_eval_reward(args) -> int:
     from spatialscore.data.tensors import file_pairs
     from spatialscore.models.base import load_model
     from spatialscore.train.reward_model import accuracy_report, score_pairs
 
-    model = load_model(args.reward)
-    data = file_pairs(args.pairs, model.config.get("image_size", 128), on_error=args.on_error)
-    mu_c, mu_r = score_pairs(model, data, batch_size=args.batch_size, progress=True)
+    head = _named_head(args.reward)
+    if head is not None:
+        data = file_pairs(args.pairs, 128, on_error=args.on_error)
+        mu_c, mu_r = _head_scores(head, data, args.batch_size)
+    else:
+        model = load_model(args.reward)
+        data = file_pairs(args.pairs, model.config.get("image_size", 128), on_error=args.on_error)
+        mu_c, mu_r = score_pairs(model, data, batch_size=args.batch_size, progress=True)
     report = accuracy_report(mu_c, mu_r, data.kinds)
     human = [f"pairwise accuracy {report['overall']:.4f} on {report['n_pairs']} pairs"]
     human += [f"  {k:<10} {v:.4f}" for k, v in report["by_kind"].items()]
@@ -232,8 +260,9 @@ def cmd_score(args) -> int:
 
     from spatialscore.models.base import load_model
 
-    model = load_model(args.reward).eval()
-    size = model.config.get("image_size", 128)
+    head = _named_head(args.reward)
+    model = None if head is not None else load_model(args.reward).eval()
+    size = model.config.get("image_size", 128) if model is not None else 128
     images = []
     for path in args.images:
         try:
@@ -242,8 +271,12 @@ def cmd_score(args) -> int:
         except (OSError, ValueError) as err:
             raise SpatialScoreError(f"{path}: unreadable image ({err})") from None
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        mu, sigma = model(batch, [args.prompt] * len(images))
+    if head is not None:  # heads that judge clauses need metadata a bare prompt lacks: they say so
+        out = head(batch, [args.prompt] * len(images))
+        mu, sigma = out.scores, out.extras.get("sigma", torch.full_like(out.scores, float("nan")))
+    else:
+        with torch.no_grad():
+            mu, sigma = model(batch, [args.prompt] * len(images))
     rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma)]
     _emit(args, {"prompt": args.prompt, "scores": rows},
           "\n".join(f"{r['mu']:+.4f} (sigma {r['sigma']:.4f})  {r['image']}" for r in rows))
@@ -359,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(verbs, "eval-reward", "pairwise accuracy of a reward model, per perturbation kind and count",
                 "spatialscore eval-reward --reward runs/reward --pairs runs/pairs/pairs.jsonl --json")
-    p.add_argument("--reward", required=True, help="a run directory (its final/) or a checkpoint directory")
+    p.add_argument("--reward", required=True, help="a run directory (its final/), a checkpoint directory, or a "
+                                                     "registered head name (scored with each pair's metadata)")
     p.add_argument("--pairs", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
@@ -367,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(verbs, "score", "score images against a prompt with a reward model",
                 "spatialscore score --reward runs/reward --prompt \"a red circle left of a blue square\" a.png b.png")
-    p.add_argument("--reward", required=True)
+    p.add_argument("--reward", required=True, help="a run or checkpoint directory, or a registered head name")
     p.add_argument("--prompt", required=True)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_score)

@@ -90,6 +90,17 @@ def test_unknown_and_duplicate_names():
         register_head("oracle")(RewardHead)
 
 
+@pytest.mark.parametrize("images, message", [
+    (torch.rand(2, 4, 8, 8), r"images must be a FloatTensor\[B, 3, H, W\], got \(2, 4, 8, 8\)"),
+    (torch.rand(2, 3, 8, 8) * 2, r"images must lie in \[0, 1\].*divide uint8 by 255"),
+    (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), r"images must be floats in \[0, 1\], got dtype torch.uint8"),
+    (torch.rand(3, 3, 8, 8), r"3 images but 2 prompts"),
+])
+def test_bad_images_are_named_errors(images, message):
+    with pytest.raises(SpatialScoreError, match=r"head 'counting': " + message):
+        get_head("counting")(images, ["a", "b"], [{"include": []}] * 2)
+
+
 def test_meta_is_required_by_clause_heads(batch):
     chosen, _, prompts, _ = batch
     with pytest.raises(SpatialScoreError, match="needs each prompt's metadata"):

@@ -85,6 +85,19 @@ def test_eval_reward_and_score_cli(tmp_path, capsys):
     assert len(scores) == 1 and scores[0]["sigma"] > 0
 
 
+def test_eval_reward_and_score_take_a_head_name(tmp_path, capsys):
+    assert main(["data", "make-pairs", "--out", str(tmp_path / "pairs"), "--n", "8", "workers=1"]) == 0
+    pairs = str(tmp_path / "pairs" / "pairs.jsonl")
+    capsys.readouterr()
+    assert main(["--json", "eval-reward", "--reward", "oracle", "--pairs", pairs]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] == 1.0  # the oracle tells every rejected image apart
+    assert main(["eval-reward", "--reward", "orcale", "--pairs", pairs]) == 2
+    assert "unknown reward head 'orcale' (did you mean 'oracle'?)" in capsys.readouterr().err
+    image = str(next((tmp_path / "pairs" / "images").iterdir()))
+    assert main(["score", "--reward", "oracle", "--prompt", "a red circle", image]) == 2
+    assert "needs each prompt's metadata" in capsys.readouterr().err
+
+
 def test_bad_inputs_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

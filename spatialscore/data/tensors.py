@@ -30,6 +30,7 @@ class PairTensors:
     prompts: list[str]
     kinds: list[list[str]]  # perturbation kinds per pair ([] when unknown)
     targets: dict[str, torch.Tensor] | None = None  # "chosen.color", ... (data/targets.py), generated pairs only
+    meta: list[dict] | None = None  # each pair's prompt metadata (GenEval format), pair files only
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -107,4 +108,5 @@ def file_pairs(path: str | Path, image_size: int, on_error: str = "raise") -> Pa
 
     return PairTensors(torch.from_numpy(np.stack([array(r.chosen) for r in records])),
                        torch.from_numpy(np.stack([array(r.rejected) for r in records])),
-                       [r.prompt for r in records], [(r.perturbation or {}).get("kinds", []) for r in records])
+                       [r.prompt for r in records], [(r.perturbation or {}).get("kinds", []) for r in records],
+                       meta=[r.meta or {} for r in records])
