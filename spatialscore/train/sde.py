@@ -1,0 +1,59 @@
+"""Stochastic sampling for flow-matching models with the log-probability of every step (Flow-GRPO), as pure
+functions of tensors, so the sampler and the trainer compute exactly the same numbers.
+
+A rectified flow x_t = (1 - t) x_0 + t eps is sampled from t = 1 (noise) to t = 0 by the ODE dx = v dt. Online RL
+needs a stochastic policy, so each Euler step is replaced by an Euler–Maruyama step of the reverse-time SDE with the
+same marginals (Liu et al., Flow-GRPO, 2025):
+
+    x_{t+dt} = x_t + [v + s_t^2 / (2t) (x_t + (1 - t) v)] dt + s_t sqrt(-dt) z,    s_t = a sqrt(t / (1 - t)),
+
+with dt < 0 and noise level a. Given x_t the step is Gaussian, so its log-density is exact and cheap. Sigmas follow
+diffusers' FlowMatchEulerDiscreteScheduler (`scheduler.sigmas`, decreasing, ending at 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sde_noise_scales(sigmas: Tensor, noise_level: float) -> Tensor:
+    """s_t for every step of a schedule (all sigmas but the final 0). At t = 1 the formula is infinite; like
+    Flow-GRPO, the first sigma below 1 stands in for the denominator there."""
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+    t = sigmas[:-1].double()
+    below_one = t[t < 1]
+    cap = below_one.max() if len(below_one) else torch.tensor(0.5, dtype=torch.float64)
+    return (noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, cap, t)))).to(sigmas.dtype)
+
+
+def sde_step(sample: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+             noise_scale: float | Tensor, noise: Tensor | None = None,
+             next_sample: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One Euler–Maruyama step from `sigma` to `sigma_next` (< sigma). Returns (next sample, log-probability of it
+    per sample [B] — the mean over its elements, as Flow-GRPO does, so it does not grow with the image size — the
+    Gaussian's mean and its standard deviation). With `next_sample` given (a stored step) nothing is drawn: its
+    log-probability under the current velocity is computed, which is what the policy-gradient update needs."""
+    sample, velocity = sample.float(), velocity.float()
+    sigma, sigma_next, noise_scale = (torch.as_tensor(v, dtype=torch.float32, device=sample.device)
+                                      for v in (sigma, sigma_next, noise_scale))
+    dt = sigma_next - sigma
+    if (dt >= 0).any():
+        raise ValueError("sde_step integrates from noise to data: sigma_next must be smaller than sigma")
+    mean = (sample * (1 + noise_scale ** 2 / (2 * sigma) * dt)
+            + velocity * (1 + noise_scale ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    std = noise_scale * torch.sqrt(-dt)
+    if next_sample is None:
+        next_sample = mean + std * (torch.randn_like(mean) if noise is None else noise)
+    log_prob = gaussian_log_prob(next_sample.float().detach(), mean, std)
+    return next_sample, log_prob, mean, std
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std^2) per element, averaged over all but the first dimension: [B]."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    per_element = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return per_element.flatten(1).mean(1)
