@@ -106,3 +106,26 @@ def test_the_sde_keeps_the_flow_s_marginals():
     t = sigmas[21].item()
     assert torch.allclose(x.mean(0), (1 - t) * c, atol=0.02)
     assert torch.allclose(x.std(0), torch.full((2,), t), atol=0.03)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_matches_diffusers(eta):
+    from diffusers import DDIMScheduler
+
+    from spatialscore.train.sde import ddim_step
+
+    torch.manual_seed(0)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(10)
+    t = int(scheduler.timesteps[3])
+    prev_t = t - 1000 // 10
+    x, eps, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    want = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    ours, log_prob, mean, std = ddim_step(x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta,
+                                          noise=noise)
+    assert torch.allclose(ours, want, atol=1e-5)
+    if eta:
+        _, rescored, _, _ = ddim_step(x, eps, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t], eta,
+                                      prev_sample=want)
+        assert torch.allclose(rescored, log_prob) and torch.isfinite(log_prob).all()
+        assert torch.allclose(log_prob, gaussian_log_prob(want, mean, std))

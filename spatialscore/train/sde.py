@@ -1,5 +1,6 @@
-"""Stochastic sampling for flow-matching models with the log-probability of every step (Flow-GRPO), as pure
-functions of tensors, so the sampler and the trainer compute exactly the same numbers.
+"""Stochastic sampling steps with the log-probability of every step, as pure functions of tensors, so the sampler
+and the trainer compute exactly the same numbers: the Flow-GRPO SDE step for flow-matching models, and the DDIM step
+(eta > 0) that DDPO trains for noise-predicting UNets.
 
 A rectified flow x_t = (1 - t) x_0 + t eps is sampled from t = 1 (noise) to t = 0 by the ODE dx = v dt. Online RL
 needs a stochastic policy, so each Euler step is replaced by an Euler–Maruyama step of the reverse-time SDE with the
@@ -57,3 +58,21 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     per_element = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return per_element.flatten(1).mean(1)
+
+
+def ddim_step(sample: Tensor, eps: Tensor, alpha_prod: float | Tensor, alpha_prod_prev: float | Tensor, eta: float,
+              noise: Tensor | None = None, prev_sample: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One DDIM step (Song et al.) from cumulative alpha `alpha_prod` to `alpha_prod_prev` for an epsilon-predicting
+    model, with eta-scaled noise (eta = 1: the DDPM posterior's variance). Returns (previous sample, its
+    log-probability per sample [B], mean, std); with `prev_sample` given it is rescored, not drawn (DDPO's update).
+    Matches diffusers' DDIMScheduler.step given the same noise."""
+    sample, eps = sample.float(), eps.float()
+    a, a_prev = (torch.as_tensor(v, dtype=torch.float32, device=sample.device) for v in (alpha_prod, alpha_prod_prev))
+    original = (sample - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    std = eta * torch.sqrt(variance)
+    mean = torch.sqrt(a_prev) * original + torch.sqrt(1 - a_prev - std ** 2) * eps
+    if prev_sample is None:
+        prev_sample = mean + std * (torch.randn_like(mean) if noise is None else noise)
+    return prev_sample, gaussian_log_prob(prev_sample.float().detach(), mean, std), mean, std
