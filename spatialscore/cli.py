@@ -209,42 +209,32 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _named_head(reward: str):
-    """--reward given as a registered head name (a bare word that is no directory here): that head, or an error
-    listing the known names with a suggestion. None for a path: the caller loads the checkpoint."""
+def _reward_head(reward: str, batch_size: int = 32):
+    """--reward as a reward head: a run or checkpoint directory (any path) is a trained SpatialScore model; a bare
+    word is a registered head name (an unknown one lists the known names with a suggestion)."""
     from spatialscore.heads import get_head
+    from spatialscore.heads.learned import SpatialScoreHead
 
-    return None if Path(reward).exists() or "/" in reward or "\\" in reward else get_head(reward)
+    if Path(reward).exists() or "/" in reward or "\\" in reward:
+        return SpatialScoreHead(checkpoint=reward, batch_size=batch_size)
+    return get_head(reward)
 
 
-def _head_scores(head, data, batch_size: int):
-    """(scores of the chosen images, of the rejected ones) from a reward head, with each pair's metadata."""
-    import torch
-    from tqdm import tqdm
+def _image_size(head) -> int:
+    """The size a head's images are resized to: a trained SpatialScore model's own, else the shapes world's 128."""
+    from spatialscore.heads.learned import SpatialScoreHead
 
-    scores = {"chosen": [], "rejected": []}
-    for start in tqdm(range(0, len(data), batch_size), desc="scoring"):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        meta = [data.meta[i] for i in index.tolist()] if data.meta else None
-        for side in scores:
-            scores[side].append(head(data.images(side, index), [data.prompts[i] for i in index.tolist()],
-                                     meta).scores.float())
-    return torch.cat(scores["chosen"]), torch.cat(scores["rejected"])
+    return head.model.config.get("image_size", 128) if isinstance(head, SpatialScoreHead) else 128
 
 
 def cmd_eval_reward(args) -> int:
     from spatialscore.data.tensors import file_pairs
-    from spatialscore.models.base import load_model
     from spatialscore.train.reward_model import accuracy_report, score_pairs
 
-    head = _named_head(args.reward)
-    if head is not None:
-        data = file_pairs(args.pairs, 128, on_error=args.on_error)
-        mu_c, mu_r = _head_scores(head, data, args.batch_size)
-    else:
-        model = load_model(args.reward)
-        data = file_pairs(args.pairs, model.config.get("image_size", 128), on_error=args.on_error)
-        mu_c, mu_r = score_pairs(model, data, batch_size=args.batch_size, progress=True)
+    head = _reward_head(args.reward, args.batch_size)
+    data = file_pairs(args.pairs, _image_size(head), on_error=args.on_error)
+    mu_c, mu_r = score_pairs(lambda images, prompts, meta: head(images, prompts, meta).scores, data,
+                             batch_size=args.batch_size, progress=True)
     report = accuracy_report(mu_c, mu_r, data.kinds)
     human = [f"pairwise accuracy {report['overall']:.4f} on {report['n_pairs']} pairs"]
     human += [f"  {k:<10} {v:.4f}" for k, v in report["by_kind"].items()]
@@ -258,11 +248,8 @@ def cmd_score(args) -> int:
     import torch
     from PIL import Image
 
-    from spatialscore.models.base import load_model
-
-    head = _named_head(args.reward)
-    model = None if head is not None else load_model(args.reward).eval()
-    size = model.config.get("image_size", 128) if model is not None else 128
+    head = _reward_head(args.reward)
+    size = _image_size(head)
     images = []
     for path in args.images:
         try:
@@ -271,12 +258,8 @@ def cmd_score(args) -> int:
         except (OSError, ValueError) as err:
             raise SpatialScoreError(f"{path}: unreadable image ({err})") from None
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    if head is not None:  # heads that judge clauses need metadata a bare prompt lacks: they say so
-        out = head(batch, [args.prompt] * len(images))
-        mu, sigma = out.scores, out.extras.get("sigma", torch.full_like(out.scores, float("nan")))
-    else:
-        with torch.no_grad():
-            mu, sigma = model(batch, [args.prompt] * len(images))
+    out = head(batch, [args.prompt] * len(images))  # heads that judge clauses need metadata: they say so
+    mu, sigma = out.scores, out.extras.get("sigma", torch.full_like(out.scores, float("nan")))
     rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma)]
     _emit(args, {"prompt": args.prompt, "scores": rows},
           "\n".join(f"{r['mu']:+.4f} (sigma {r['sigma']:.4f})  {r['image']}" for r in rows))

@@ -58,10 +58,11 @@ def _one(job) -> tuple[dict[str, np.ndarray], str, list[str]]:
     weights = tuple((tag, weight) for tag, weight in spec["tag_weights"])
     record, chosen, rejected = make_pair(index, PairSpec(**{**spec, "tag_weights": weights}))
     arrays = {"chosen": np.asarray(chosen), "rejected": np.asarray(rejected)}
+    relations = relation_targets(record["meta"]) if grid else None  # the prompt's, the same for both images
     for side in ("chosen", "rejected") if grid else ():
         for key, value in cell_targets(Scene.from_dict(record["meta"]["scenes"][side]), grid, record["meta"]).items():
             arrays[f"{side}.{key}"] = value
-        arrays[f"{side}.relations"] = relation_targets(record["meta"])
+        arrays[f"{side}.relations"] = relations
     return arrays, record["prompt"], record["perturbation"]["kinds"]
 
 

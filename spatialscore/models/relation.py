@@ -124,11 +124,9 @@ class RelationReward(RewardModel):
                              pred["letters"].sigmoid()], 1)
         return objects.flatten(2).transpose(1, 2), pred
 
-    def select(self, objects: torch.Tensor, shape_logits: torch.Tensor) -> torch.Tensor:
-        """Indices [B, k] of the `objects` cells most likely to hold an object."""
-        k = min(self.config["objects"] or objects.shape[1], objects.shape[1])
-        objectness = 1 - shape_logits.detach().softmax(1)[:, 0].flatten(1)  # 1 - P(no object here)
-        return objectness.topk(k, dim=1).indices
+    def select(self, objectness: torch.Tensor) -> torch.Tensor:
+        """Indices [B, k] of the cells most likely to hold an object, from every cell's objectness [B, n]."""
+        return objectness.topk(min(self.config["objects"] or objectness.shape[1], objectness.shape[1]), dim=1).indices
 
     def relate(self, objects: torch.Tensor, objectness: torch.Tensor, seen: torch.Tensor, prompts: list[str]):
         """(mu, sigma, readings) for the selected objects [B, k, obj] with their objectness [B, k], and `seen` [B],
@@ -196,8 +194,8 @@ class RelationReward(RewardModel):
 
     def forward(self, images: torch.Tensor, prompts: list[str], targets: dict | None = None):
         objects, pred = self.read_cells(images)
-        top = self.select(objects, pred["shape"])
-        every = 1 - pred["shape"].softmax(1)[:, 0].flatten(1)  # objectness of every cell
+        every = 1 - pred["shape"].softmax(1)[:, 0].flatten(1)  # objectness of every cell: 1 - P(no object here)
+        top = self.select(every.detach())
         mu, sigma, readings = self.relate(objects.gather(1, top[..., None].expand(-1, -1, objects.shape[-1])),
                                           every.gather(1, top), every.sum(1), prompts)
         if targets is None:
@@ -221,7 +219,6 @@ def reading_loss(readings: dict[str, torch.Tensor], top: torch.Tensor, targets: 
     expected = readings["expected"]
     if "group" not in targets or "faithful" not in targets:
         return expected.sum() * 0
-    b, k = top.shape
     faithful = targets["faithful"].bool()
 
     def at_selected(name: str) -> torch.Tensor:
@@ -268,7 +265,7 @@ def cell_loss(pred: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -
 def glyph_loss(logits: torch.Tensor, glyphs: torch.Tensor) -> torch.Tensor:
     """Letter spotting on the quarter-resolution map: each letter is wanted within one cell of its glyph's centre
     and nowhere else; drawn and not-drawn weigh the same (letters are a tiny share of the map)."""
-    b, n_letters, h, w = logits.shape
+    h, w = logits.shape[-2:]
     wanted = torch.zeros_like(logits)
     rows, slots = (glyphs[..., 2] >= 0).nonzero(as_tuple=True)
     x, y, letter = glyphs[rows, slots].unbind(-1)

@@ -41,19 +41,24 @@ def pair_loss(kind: str, mu_c, sigma_c, mu_r, sigma_r) -> torch.Tensor:
     return gaussian_bt_loss(mu_c, sigma_c, mu_r, sigma_r) if kind == "gaussian_bt" else bt_loss(mu_c, mu_r)
 
 
-def score_pairs(model, data: PairTensors, batch_size: int = 64, device="cpu", progress: bool = False):
-    """(mu_chosen, mu_rejected) for every pair, in eval mode, without gradients."""
-    was_training = model.training
-    model.eval()
-    out_c, out_r = [], []
+def score_pairs(score, data: PairTensors, batch_size: int = 64, progress: bool = False):
+    """(scores of the chosen images, of the rejected ones) for every pair, without gradients.
+    `score(images, prompts, meta)` gives one number per image — a reward model's mu (`model_mu`), a head's scores —
+    and meta is each pair's metadata when the data has it (pair files), else None."""
+    scores: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
     with torch.no_grad():
         for start in tqdm(range(0, len(data), batch_size), desc="scoring", disable=not progress):
             index = torch.arange(start, min(start + batch_size, len(data)))
             prompts = [data.prompts[i] for i in index.tolist()]
-            out_c.append(model(data.images("chosen", index).to(device), prompts)[0].float().cpu())
-            out_r.append(model(data.images("rejected", index).to(device), prompts)[0].float().cpu())
-    model.train(was_training)
-    return torch.cat(out_c), torch.cat(out_r)
+            meta = [data.meta[i] for i in index.tolist()] if data.meta else None
+            for side, found in scores.items():
+                found.append(score(data.images(side, index), prompts, meta).float().cpu())
+    return torch.cat(scores["chosen"]), torch.cat(scores["rejected"])
+
+
+def model_mu(model: RewardModel, device="cpu"):
+    """score_pairs' scorer for a reward model (put it in eval mode first): its mu."""
+    return lambda images, prompts, meta: model(images.to(device), prompts)[0]
 
 
 def accuracy_report(mu_c: torch.Tensor, mu_r: torch.Tensor, kinds: list[list[str]]) -> dict:
@@ -180,7 +185,9 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
         done = step + 1
         metrics = {"loss": mean_loss, "preference_loss": mean_preference, "lr": lr}
         if done % t.eval_every == 0 or done == t.steps:
-            mu_c, mu_r = score_pairs(accelerator.unwrap_model(model), val_data, device=accelerator.device)
+            unwrapped = accelerator.unwrap_model(model).eval()
+            mu_c, mu_r = score_pairs(model_mu(unwrapped, accelerator.device), val_data)
+            unwrapped.train()
             report = accuracy_report(mu_c, mu_r, val_data.kinds)
             metrics |= {"val_accuracy": report["overall"], **{f"val_{k}": v for k, v in report["by_kind"].items()}}
             if main:
