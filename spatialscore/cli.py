@@ -184,15 +184,20 @@ def _relaunch(args, argv: list[str]) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+def _launched(args) -> tuple[str | None, bool]:
+    """(DeepSpeed preset or None, whether this process must re-run itself under accelerate launch)."""
+    launch = None if args.launch in (None, "ddp") else args.launch
+    return launch, (args.nproc > 1 or launch is not None) and not args.worker
+
+
 def cmd_train_reward(args) -> int:
     from spatialscore.config import RewardConfig, load_config
     from spatialscore.train.reward_model import train_reward
 
     cfg = load_config(RewardConfig, args.recipe, args.overrides)  # validate before launching anything
-    launch = None if args.launch in (None, "ddp") else args.launch
-    if (args.nproc > 1 or launch) and not args.worker:
-        argv = [a for a in sys.argv[1:] if a != "--json"]
-        return _relaunch(args, argv)
+    launch, relaunch = _launched(args)
+    if relaunch:
+        return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
     out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
     result = train_reward(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
     if args.worker and not _is_main_process():
@@ -200,6 +205,54 @@ def cmd_train_reward(args) -> int:
     _emit(args, result, f"trained {result['steps']} steps on {result['world_size']} process(es); "
                         f"held-out accuracy {result['validation'].get('overall', float('nan')):.4f}; "
                         f"model in {out}/final")
+    return 0
+
+
+# --- generators ---------------------------------------------------------------------------------------------------
+
+def cmd_train_generator(args) -> int:
+    from spatialscore.config import GeneratorConfig, load_config
+    from spatialscore.train.generator import train_generator
+
+    cfg = load_config(GeneratorConfig, args.recipe, args.overrides)
+    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
+    result = train_generator(cfg, out)
+    by_tag = ", ".join(f"{tag} {acc:.2f}" for tag, acc in result["by_tag"].items())
+    _emit(args, result, f"trained {result['step']} steps in {result['minutes']:.1f} min; held-out oracle accuracy "
+                        f"{result['overall']:.3f} ({by_tag}); pipeline in {out}/final")
+    return 0
+
+
+def cmd_train_grpo(args) -> int:
+    from spatialscore.config import GrpoConfig, load_config
+    from spatialscore.train.flow_grpo import PromptSource, build_reward, load_pipeline
+
+    cfg = load_config(GrpoConfig, args.recipe, args.overrides)
+    launch, relaunch = _launched(args)
+    if not args.worker:  # bad prompts, pipelines and heads fail here, before any process starts or writes
+        PromptSource(cfg)
+        build_reward(cfg)
+        if cfg.model.pipeline:
+            from spatialscore.config import project_path
+            from spatialscore.models.generators import pipeline_class_name
+
+            pipeline_class_name(project_path(cfg.model.pipeline))
+    if relaunch:
+        return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
+    from spatialscore.train.flow_grpo import train_grpo
+
+    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
+    result = train_grpo(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
+    if args.worker and not _is_main_process():
+        return 0
+    base, final = result.get("base") or {}, result.get("final") or {}
+    human = (f"{result['iterations']} iterations on {result['world_size']} process(es); held-out reward "
+             f"{base.get('reward_mean', float('nan')):.4f} -> {final.get('reward_mean', float('nan')):.4f}")
+    if "oracle_accuracy" in final:
+        human += f", oracle accuracy {base['oracle_accuracy']:.3f} -> {final['oracle_accuracy']:.3f}"
+    if result.get("hacking_detected"):
+        human += "; REWARD HACKING SUSPECTED (the reward rose while the oracle fell; see metrics.jsonl)"
+    _emit(args, result, human + f"; LoRA and merged pipeline in {out}/final")
     return 0
 
 
@@ -285,6 +338,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_train_flags(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("recipe", help=f"a `kind: {kind}` recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", help="a run directory (its newest checkpoint) or checkpoints/step-N")
+    p.add_argument("--launch", choices=["ddp", "zero2", "zero3", "zero3_offload"],
+                   help="hardware preset: plain DDP or a DeepSpeed ZeRO stage (launch/deepspeed/*.json)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    p.add_argument("--precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spatialscore", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -362,16 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(verbs, "train-reward", "train a SpatialScore reward model on preference pairs",
                 "spatialscore train-reward recipes/shapes/reward.yaml train.steps=200 --out runs/reward\n"
                 "spatialscore train-reward recipes/shapes/reward.yaml --launch zero2 --nproc 2 --out runs/reward-z2")
-    p.add_argument("recipe", help="a `kind: reward` recipe YAML")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
-    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
-    p.add_argument("--resume", help="a run directory (its newest checkpoint) or checkpoints/step-N")
-    p.add_argument("--launch", choices=["ddp", "zero2", "zero3", "zero3_offload"],
-                   help="hardware preset: plain DDP or a DeepSpeed ZeRO stage (launch/deepspeed/*.json)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine")
-    p.add_argument("--precision", choices=["no", "bf16"], default="no")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _add_train_flags(p, "reward")
     p.set_defaults(func=cmd_train_reward)
+
+    p = _parser(verbs, "train-generator", "train a shapes-world base generator from scratch (a diffusers pipeline)",
+                "spatialscore train-generator recipes/shapes/base_flow.yaml --out runs/base-flow")
+    p.add_argument("recipe", help="a `kind: generator` recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=2000")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.set_defaults(func=cmd_train_generator)
+
+    p = _parser(verbs, "train-grpo", "Flow-GRPO: fine-tune a flow-matching generator (LoRA) against reward heads",
+                "spatialscore train-grpo recipes/shapes/grpo.yaml --out runs/grpo\n"
+                "spatialscore train-grpo recipes/shapes/grpo.yaml --launch zero2 --nproc 2 --out runs/grpo-z2")
+    _add_train_flags(p, "grpo")
+    p.set_defaults(func=cmd_train_grpo)
 
     p = _parser(verbs, "eval-reward", "pairwise accuracy of a reward model, per perturbation kind and count",
                 "spatialscore eval-reward --reward runs/reward --pairs runs/pairs/pairs.jsonl --json")

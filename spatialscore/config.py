@@ -28,6 +28,15 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=.*$", re.S)
 
 
+def project_path(path: str) -> str:
+    """A recipe's relative path as given when it exists from here, else from the project root (recipes name the
+    shipped models as `data/...`, and runs may start elsewhere)."""
+    if Path(path).exists() or Path(path).is_absolute():
+        return path
+    shipped = RECIPES_DIR.parent / path
+    return str(shipped) if shipped.exists() else path
+
+
 def _one_of(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise SpatialScoreError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
@@ -109,14 +118,7 @@ class RewardDataConfig:
     tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {position: 3, long: 3}
 
     def __post_init__(self):
-        from spatialscore.data.prompts import PHRASINGS, STYLES, TAGS
-
-        _one_of("data.style", self.style, STYLES)
-        _one_of("data.phrasing", self.phrasing, PHRASINGS)
-        for tag, weight in self.tag_weights.items():
-            _one_of("data.tag_weights", tag, TAGS)
-            if weight < 0:
-                raise SpatialScoreError(f"data.tag_weights.{tag}: weights must be >= 0, got {weight}")
+        _check_tags("data", self.style, self.phrasing, self.tag_weights)
 
 
 @dataclass
@@ -154,7 +156,214 @@ class RewardConfig:
         _one_of("report_to", self.report_to, ("none", "wandb"))
 
 
-KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig, "reward": RewardConfig}
+def _check_tags(field: str, style: str, phrasing: str, tag_weights: dict[str, float]) -> None:
+    from spatialscore.data.prompts import PHRASINGS, STYLES, TAGS
+
+    _one_of(f"{field}.style", style, STYLES)
+    _one_of(f"{field}.phrasing", phrasing, PHRASINGS)
+    for tag, weight in tag_weights.items():
+        _one_of(f"{field}.tag_weights", tag, TAGS)
+        if weight < 0:
+            raise SpatialScoreError(f"{field}.tag_weights.{tag}: weights must be >= 0, got {weight}")
+
+
+@dataclass
+class GeneratorModelConfig:
+    """A shapes-world base generator built from diffusers parts (models/generators.py)."""
+
+    arch: str = "shapes_flow"  # shapes_flow: SD3-style MMDiT on pixels + flow matching
+    image_size: int = 64
+    patch_size: int = 8
+    layers: int = 4
+    heads: int = 6
+    head_dim: int = 32
+    text_dim: int = 64
+    text_layers: int = 2
+    shift: float = 1.0  # the flow-matching schedule's timestep shift (SD3: 3.0)
+    prediction: str = "x"  # x: the transformer predicts the clean image (JiT); v: the velocity (SD3)
+    seed: int = 0
+
+    def __post_init__(self):
+        _one_of("model.arch", self.arch, ("shapes_flow",))
+        _one_of("model.prediction", self.prediction, ("x", "v"))
+
+
+@dataclass
+class PromptSetConfig:
+    """Shapes-world prompts drawn by tag (data/prompts.py); the held-out evaluation uses `eval_seed`."""
+
+    n_train: int = 40000
+    seed: int = 0
+    style: str = "short"
+    phrasing: str = "train"
+    tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_n: int = 200
+    eval_seed: int = 5000
+
+    def __post_init__(self):
+        _check_tags("data", self.style, self.phrasing, self.tag_weights)
+
+
+@dataclass
+class GeneratorTrainConfig:
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup: int = 500
+    max_grad_norm: float = 1.0
+    cond_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
+    ema_decay: float = 0.999  # the saved weights are the EMA
+    eval_every: int = 2000
+    sample_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
+            raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, 0 <= cond_dropout < 1, "
+                                    "0 <= ema_decay < 1")
+
+
+@dataclass
+class GeneratorConfig:
+    """A shapes-world base generator trained from scratch (`spatialscore train-generator`)."""
+
+    kind: str = "generator"
+    model: GeneratorModelConfig = dataclasses.field(default_factory=GeneratorModelConfig)
+    data: PromptSetConfig = dataclasses.field(default_factory=PromptSetConfig)
+    train: GeneratorTrainConfig = dataclasses.field(default_factory=GeneratorTrainConfig)
+    report_to: str = "none"
+
+    def __post_init__(self):
+        _one_of("report_to", self.report_to, ("none", "wandb"))
+
+
+@dataclass
+class PolicyModelConfig:
+    """The generator RL fine-tunes: a local diffusers pipeline directory (the shapes base, SD3, FLUX, SD1.5) or a
+    tiny random one of a named architecture (`tiny: sd3`), for tests."""
+
+    pipeline: str | None = None
+    tiny: str | None = None  # shapes_flow | sd3 | flux: a tiny random pipeline built in code
+    image_size: int = 0  # 0: the pipeline's default
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                 "to_add_out"])
+    precision: str = "fp32"  # fp32 | bf16 (the frozen weights; LoRA trains in fp32)
+
+    def __post_init__(self):
+        if self.tiny is not None:
+            _one_of("model.tiny", self.tiny, ("shapes_flow", "sd3", "flux"))
+        _one_of("model.precision", self.precision, ("fp32", "bf16"))
+        if self.lora_r < 1:
+            raise SpatialScoreError(f"model.lora_r must be >= 1, got {self.lora_r}")
+
+
+@dataclass
+class RLRewardConfig:
+    """Registered reward heads, summed with weights (one head: used as is; several: a normalised composite)."""
+
+    heads: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {spatialscore: 1.0, counting: 0.5}
+    kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per head, e.g. {spatialscore: {checkpoint: runs/reward}}
+
+
+@dataclass
+class RLPromptsConfig:
+    """Training prompts: a prompt file (JSONL of GenEval-style records or plain text lines), or shapes-world prompts
+    drawn fresh every iteration. Evaluation prompts come from `eval_file` or `eval_seed`; prompts seen in
+    evaluation are never trained on."""
+
+    file: str | None = None
+    style: str = "short"
+    phrasing: str = "train"
+    tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_file: str | None = None
+    eval_n: int = 200
+    eval_seed: int = 777
+    eval_tag_weights: dict[str, float] | None = None  # None: as tag_weights
+
+    def __post_init__(self):
+        _check_tags("prompts", self.style, self.phrasing, self.tag_weights)
+        _check_tags("prompts", self.style, self.phrasing, self.eval_tag_weights or {})
+
+
+@dataclass
+class GrpoSampleConfig:
+    steps: int = 10  # denoising steps per image
+    noise_level: float = 0.7  # the SDE's a (Flow-GRPO); 0 would be the deterministic ODE
+    guidance_scale: float = 1.0  # classifier-free guidance (> 1 doubles the batch)
+    group_size: int = 8  # G images per prompt
+    prompts_per_iter: int = 8  # over all processes
+    batch_size: int = 32  # images per sampling forward, per process
+    eval_steps: int = 20  # ODE steps of the evaluation samples
+
+    def __post_init__(self):
+        if self.steps < 1 or self.group_size < 2 or self.prompts_per_iter < 1 or self.noise_level < 0:
+            raise SpatialScoreError("sample: need steps >= 1, group_size >= 2, prompts_per_iter >= 1, noise_level >= 0")
+
+
+@dataclass
+class GrpoTrainConfig:
+    iterations: int = 100
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    clip_range: float = 1e-4  # PPO's c on the importance ratio
+    kl_beta: float = 0.01  # KL to the reference (the base with LoRA disabled); 0 skips the reference forward
+    top_k: int = 0  # keep the k best and k worst of each group (0: every sample)
+    timestep_fraction: float = 1.0  # share of the denoising steps trained each iteration
+    timesteps: list[int] | None = None  # or exactly these step indices (0 = the noisiest)
+    inner_epochs: int = 1
+    micro_batch: int = 16  # samples per forward in the update, per process
+    adv_clip: float = 5.0
+    max_grad_norm: float = 1.0
+    max_bad_steps: int = 3  # consecutive non-finite losses or gradients before the run stops
+    eval_every: int = 10
+    save_every: int = 10
+    save_merged: bool = True  # final/pipeline: the base with LoRA merged (small models); final/lora always
+    hacking_tolerance: float = 0.05  # oracle drop (vs. the base) that, with a rising reward, flags reward hacking
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.inner_epochs < 1 or self.micro_batch < 1 or self.top_k < 0:
+            raise SpatialScoreError("train: need iterations >= 1, inner_epochs >= 1, micro_batch >= 1, top_k >= 0")
+        if not 0 < self.timestep_fraction <= 1:
+            raise SpatialScoreError(f"train.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+
+
+@dataclass
+class GrpoConfig:
+    """Flow-GRPO on a flow-matching pipeline (`spatialscore train-grpo`)."""
+
+    kind: str = "grpo"
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    reward: RLRewardConfig = dataclasses.field(default_factory=RLRewardConfig)
+    prompts: RLPromptsConfig = dataclasses.field(default_factory=RLPromptsConfig)
+    sample: GrpoSampleConfig = dataclasses.field(default_factory=GrpoSampleConfig)
+    train: GrpoTrainConfig = dataclasses.field(default_factory=GrpoTrainConfig)
+    report_to: str = "none"
+
+    def __post_init__(self):
+        _one_of("report_to", self.report_to, ("none", "wandb"))
+        if not self.reward.heads:
+            raise SpatialScoreError("reward.heads: name at least one reward head with its weight, e.g. "
+                                    "reward.heads={oracle: 1.0} (see `spatialscore heads ls`)")
+        if (self.model.pipeline is None) == (self.model.tiny is None):
+            raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
+                                    "and model.tiny (shapes_flow | sd3 | flux)")
+        if self.train.top_k and 2 * self.train.top_k > self.sample.group_size:
+            raise SpatialScoreError(f"train.top_k={self.train.top_k}: keeping the k best and k worst needs "
+                                    f"2k <= sample.group_size ({self.sample.group_size})")
+        for t in self.train.timesteps or []:
+            if not 0 <= t < self.sample.steps:
+                raise SpatialScoreError(f"train.timesteps: {t} is not a step index in [0, {self.sample.steps})")
+
+
+KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig, "reward": RewardConfig,
+                          "generator": GeneratorConfig, "grpo": GrpoConfig}
 
 
 def _did_you_mean(key: str, valid) -> str:
@@ -228,7 +437,14 @@ def load_config(schema: type[T], recipe: str | Path | None = None, overrides: li
             raise _explain(err, schema, str(recipe)) from None
     for item in parse_overrides(list(overrides)):
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            override = OmegaConf.from_dotlist([item])
+            key = item.split("=", 1)[0]
+            value = OmegaConf.select(override, key)
+            if OmegaConf.is_dict(value) and OmegaConf.select(cfg, key) is not None:
+                # `reward.heads={oracle: 1.0}` means these heads, not these added to the recipe's
+                OmegaConf.update(cfg, key, value, merge=False)
+                continue
+            cfg = OmegaConf.merge(cfg, override)
         except OmegaConfBaseException as err:
             raise _explain(err, schema, f"override {item!r}") from None
     if cfg.kind != OmegaConf.structured(schema).kind:

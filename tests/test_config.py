@@ -3,8 +3,8 @@
 
 import pytest
 
-from spatialscore.config import (KINDS, PairsConfig, PromptsConfig, RewardConfig, find_recipe, list_recipes,
-                                 load_config, save_config, schema_for)
+from spatialscore.config import (KINDS, GeneratorConfig, GrpoConfig, PairsConfig, PromptsConfig, RewardConfig, find_recipe,
+                                 list_recipes, load_config, save_config, schema_for)
 from spatialscore.errors import SpatialScoreError
 
 
@@ -63,7 +63,7 @@ def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatc
 
     path = find_recipe(name)
     schema = schema_for(path)
-    cfg = load_config(schema, path, [] if schema is RewardConfig else ["n=2"])
+    cfg = load_config(schema, path, ["n=2"] if schema in (PairsConfig, PromptsConfig) else [])
     if schema is PairsConfig:
         out = make_pairs(tmp_path, cfg.n, PairSpec(cfg.seed, cfg.style, cfg.phrasing, cfg.image_size, cfg.multi_prob),
                          workers=1, progress=False)
@@ -82,6 +82,24 @@ def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatc
             tiny += ["model.channels=16", "model.text_dim=32", "model.g_dim=32", "model.f_dim=32"]
         result = train_reward(load_config(schema, path, tiny), tmp_path / "run", progress=False)
         assert result["steps"] == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    elif schema is GeneratorConfig:
+        from spatialscore.train.generator import train_generator
+
+        tiny = ["data.n_train=8", "data.eval_n=2", "train.steps=2", "train.batch_size=2", "train.eval_every=2",
+                "train.sample_steps=2", "model.image_size=32", "model.layers=1", "model.heads=2", "model.head_dim=16",
+                "model.text_dim=32", "model.text_layers=1"]
+        result = train_generator(load_config(schema, path, tiny), tmp_path / "run", progress=False)
+        assert result["step"] == 2 and (tmp_path / "run" / "final" / "model_index.json").is_file()
+    elif schema is GrpoConfig:
+        from spatialscore.train.flow_grpo import train_grpo
+
+        arch = "flux" if "flux" in name else "sd3" if "sd3" in name else "shapes_flow"
+        tiny = ["model.pipeline=null", f"model.tiny={arch}", "model.image_size=32", "model.precision=fp32",
+                "prompts.file=null", "prompts.eval_file=null", "prompts.eval_n=2", "reward.heads={oracle: 1.0}",
+                "reward.kwargs={}", "sample.prompts_per_iter=1", "sample.group_size=4", "sample.eval_steps=2",
+                "sample.steps=2", "train.top_k=1", "train.iterations=1", "train.eval_every=1"]
+        result = train_grpo(load_config(schema, path, tiny), tmp_path / "run", progress=False)
+        assert result["final"]["iteration"] == 1
     else:
         pytest.fail(f"no tiny run for recipe kind {cfg.kind!r}: add one here")
     assert schema in KINDS.values()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,59 @@ def _one(job) -> tuple[dict[str, np.ndarray], str, list[str]]:
     return arrays, record["prompt"], record["perturbation"]["kinds"]
 
 
+def _cached(base: Path, fn, jobs: list, desc: str, unit: str, workers: int | None, progress: bool,
+            sidecar) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run `fn` over `jobs` in a process pool once and keep the result under `base`: each row is (arrays, ...), the
+    arrays are stacked into .npy files and `sidecar(rows)` becomes meta.json. Written under a temporary name and
+    renamed, so concurrent processes and crashes never leave half a cache."""
+    if not (base / "meta.json").is_file():
+        with mp.get_context("fork").Pool(workers or min(os.cpu_count() or 1, 8)) as pool:
+            rows = list(tqdm(pool.imap(fn, jobs, chunksize=32), total=len(jobs), desc=desc, unit=unit,
+                             disable=not progress))
+        tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in rows[0][0]:
+            np.save(tmp / f"{name}.npy", np.stack([r[0][name] for r in rows]))
+        (tmp / "meta.json").write_text(json.dumps({**sidecar(rows), "arrays": list(rows[0][0])}))
+        try:
+            os.replace(tmp, base)
+        except OSError:  # another process finished the same cache first
+            pass
+    meta = json.loads((base / "meta.json").read_text())
+    return meta, {name: torch.from_numpy(np.load(base / f"{name}.npy")) for name in meta["arrays"]}
+
+
+def _captioned(job) -> tuple[dict[str, np.ndarray], dict]:
+    from spatialscore.data.prompts import PromptWriter
+    from spatialscore.data.render import render
+    from spatialscore.data.scene import sample_scene
+
+    index, spec = job
+    rng = random.Random(f"captions-{spec['seed']}-{index}")
+    writer = PromptWriter(rng, spec["phrasing"])
+    while True:
+        meta = writer.sample(spec["style"], dict(spec["tag_weights"]))
+        try:
+            scene = sample_scene(meta, rng, tries=50)
+        except SpatialScoreError:  # too crowded to place with clear margins: take the next prompt
+            continue
+        return {"images": np.asarray(render(scene, spec["image_size"]))}, meta
+
+
+def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: int,
+                     tag_weights: dict[str, float] | None = None, workers: int | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """n faithful shapes-world images (uint8 [N, H, W, 3], cached) and their prompt metadata: a generator's
+    training set."""
+    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
+            "tag_weights": sorted((tag_weights or {}).items())}
+    key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "captions", "version": 1}, sort_keys=True).encode())
+    meta, arrays = _cached(cache_dir() / f"captions-{key.hexdigest()[:16]}", _captioned,
+                           [(i, spec) for i in range(n)], "shapes images", "image", workers, progress,
+                           lambda rows: {"records": [r[1] for r in rows]})
+    return arrays["images"], meta["records"]
+
+
 def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, target_grid: int = 0,
                     tag_weights: dict[str, float] | None = None, workers: int | None = None,
                     progress: bool = True) -> PairTensors:
@@ -74,23 +128,9 @@ def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: in
             "tag_weights": sorted((tag_weights or {}).items())}
     key = hashlib.sha256(json.dumps({**spec, "n": n, "grid": target_grid, "version": 6}, sort_keys=True).encode())
     base = cache_dir() / f"pairs-{key.hexdigest()[:16]}"
-    if not (base / "meta.json").is_file():
-        jobs = [(i, spec, target_grid) for i in range(n)]
-        with mp.get_context("fork").Pool(workers or min(os.cpu_count() or 1, 8)) as pool:
-            rows = list(tqdm(pool.imap(_one, jobs, chunksize=32), total=n, desc="shapes pairs", unit="pair",
-                             disable=not progress))
-        tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name in rows[0][0]:
-            np.save(tmp / f"{name}.npy", np.stack([r[0][name] for r in rows]))
-        meta = {"prompts": [r[1] for r in rows], "kinds": [r[2] for r in rows], "arrays": list(rows[0][0])}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, base)
-        except OSError:  # another process finished the same cache first
-            pass
-    meta = json.loads((base / "meta.json").read_text())
-    arrays = {name: torch.from_numpy(np.load(base / f"{name}.npy")) for name in meta["arrays"]}
+    jobs = [(i, spec, target_grid) for i in range(n)]
+    meta, arrays = _cached(base, _one, jobs, "shapes pairs", "pair", workers, progress,
+                           lambda rows: {"prompts": [r[1] for r in rows], "kinds": [r[2] for r in rows]})
     chosen, rejected = arrays.pop("chosen"), arrays.pop("rejected")
     return PairTensors(chosen, rejected, meta["prompts"], meta["kinds"], arrays or None)
 

@@ -9,12 +9,15 @@ scores in [0, 1]. Heads register by name with
     [project.entry-points."spatialscore.reward_heads"]
     my_head = "my_package.heads:MyHead"      # a RewardHead subclass, or any callable returning one
 
-Entry points are loaded lazily, on the first lookup; `SPATIALSCORE_DISABLE_PLUGINS=1` turns them off.
+Without packaging, `SPATIALSCORE_PLUGINS=my_heads,other.module` imports those modules (on the Python path) on the
+first lookup, so the `@register_head` calls in them run — in every process a multi-process launch starts.
+Entry points and these modules are loaded lazily, on the first lookup; `SPATIALSCORE_DISABLE_PLUGINS=1` turns them off.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -84,8 +87,12 @@ _REGISTRY: dict[str, _Entry] = {}
 _plugins_loaded = False
 
 
-def register_head(name: str, source: str = "built-in"):
+_importing: list[str] = []  # the SPATIALSCORE_PLUGINS module being imported, so its heads say where they come from
+
+
+def register_head(name: str, source: str | None = None):
     """Class or factory decorator; a second head under the same name is an error, not a silent override."""
+    source = source or (f"SPATIALSCORE_PLUGINS:{_importing[-1]}" if _importing else "built-in")
 
     def decorate(factory):
         if name in _REGISTRY:
@@ -117,6 +124,14 @@ def _load_plugins() -> None:
         except Exception as err:  # a broken plugin must not take the built-ins down with it
             raise SpatialScoreError(f"reward-head plugin {ep.name!r} from {dist} failed to load: {err}") from err
         register_head(ep.name, source=dist)(factory)
+    for module in filter(None, (m.strip() for m in os.environ.get("SPATIALSCORE_PLUGINS", "").split(","))):
+        _importing.append(module)
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise SpatialScoreError(f"SPATIALSCORE_PLUGINS: module {module!r} failed to import: {err}") from err
+        finally:
+            _importing.pop()
 
 
 def _ensure_loaded() -> None:

@@ -63,7 +63,7 @@ class CompositeReward(RewardHead):
             raw = head(images, prompts, meta).scores
             extras[name] = raw
             if self.normalize:
-                self.norms[name].update(raw)
+                self.norms[name].update(raw[torch.isfinite(raw)])  # one NaN would poison the statistics
                 raw = self.norms[name](raw)
             total = total + self.weights[name] * raw
         return RewardOutput(total, extras)

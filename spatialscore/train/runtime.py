@@ -129,9 +129,10 @@ def checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | None = None,
-                    staged: Path | None = None) -> Path:
-    """Write checkpoints/step-N atomically (directory rename); model via models.base.save_model. `staged` is the
-    temporary directory other processes already wrote their parts into (see stage_zero_checkpoint)."""
+                    staged: Path | None = None, write_model=None) -> Path:
+    """Write checkpoints/step-N atomically (directory rename); the model via `write_model(model, directory)`
+    (default models.base.save_model). `staged` is the temporary directory other processes already wrote their parts
+    into (see stage_zero_checkpoint)."""
     from spatialscore.models.base import save_model
 
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
@@ -139,7 +140,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | No
     if staged is None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    save_model(model, tmp)
+    (write_model or save_model)(model, tmp)
     if optimizer is not None:
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -155,9 +156,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict | No
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, zero_stage: int | None = None, world_size: int = 1) -> dict:
-    """Restore model weights, optimizer moments and RNG streams; returns state.json. Under DeepSpeed (`zero_stage`)
-    the optimizer state comes later, from load_zero_partition once the engine exists."""
+def load_checkpoint(path: Path, model, optimizer, zero_stage: int | None = None, world_size: int = 1,
+                    read_model=None) -> dict:
+    """Restore model weights (via `read_model(path, model)`, default models.base.load_model), optimizer moments and
+    RNG streams; returns state.json. Under DeepSpeed (`zero_stage`) the optimizer state comes later, from
+    load_zero_partition once the engine exists."""
     from spatialscore.models.base import load_model
 
     path = Path(path)
@@ -174,8 +177,10 @@ def load_checkpoint(path: Path, model, optimizer, zero_stage: int | None = None,
         raise SpatialScoreError(f"--resume {path}: the checkpoint was saved by {state.get('world_size')} processes "
                                 f"but this run has {world_size}; ZeRO partitions the optimizer state per process, "
                                 f"so resume with --nproc {state.get('world_size')}")
-    saved = load_model(path)
-    model.load_state_dict(saved.state_dict(), strict=False)
+    if read_model is not None:
+        read_model(path, model)
+    else:
+        model.load_state_dict(load_model(path).state_dict(), strict=False)
     if optimizer is not None and state.get("param_groups") is not None:
         _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["param_groups"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])

@@ -1,0 +1,1 @@
+"""Evaluating generators: sampling prompt sets, oracle accuracy by tag, image grids."""

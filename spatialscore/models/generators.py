@@ -1,0 +1,473 @@
+"""Text-to-image generators as ordinary diffusers pipelines, and the policy view RL trains through.
+
+`ShapesFlowPipeline` is the shapes world's small flow-matching generator: an SD3-style MMDiT
+(`SD3Transformer2DModel`) denoising RGB pixels in [-1, 1] directly (no VAE: shapes-world images are flat colours, and
+64 px is what the oracle judges reliably), a small CLIP text encoder with projection trained with it, a word-level
+tokenizer over the shapes-world vocabulary, and `FlowMatchEulerDiscreteScheduler`. It saves and loads with
+`save_pretrained` / `from_pretrained` (safetensors) like any diffusers pipeline.
+
+`FlowPolicy` is what Flow-GRPO needs from any flow-matching pipeline (the shapes one, SD3, FLUX): encode prompts,
+draw initial noise, predict the velocity (with classifier-free guidance), decode to images, and the module LoRA
+wraps. Adapters for the real pipelines live beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from spatialscore.errors import SpatialScoreError
+
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+MAX_TOKENS = 32
+
+
+def shapes_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` over the shapes-world vocabulary (every template word, shape, colour,
+    count and relation word); punctuation is dropped, unknown words map to <unk>, each prompt ends in <eos>."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from spatialscore.models.text import ShapesTokenizer
+
+    words = [w for w in ShapesTokenizer().vocab if w.isalnum()]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIALS, *words]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^a-z0-9]+"), " ")])
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", model_max_length=MAX_TOKENS)
+
+
+def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int = 4, heads: int = 6,
+                         head_dim: int = 32, text_dim: int = 64, text_layers: int = 2, shift: float = 1.0,
+                         prediction: str = "x", seed: int = 0) -> "ShapesFlowPipeline":
+    """A freshly initialised shapes-world flow pipeline (train it with `spatialscore train-generator`)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if image_size % patch_size:
+        raise SpatialScoreError(f"model.image_size ({image_size}) must be a multiple of model.patch_size ({patch_size})")
+    torch.manual_seed(seed)
+    tokenizer = shapes_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
+        num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=text_dim,
+        pos_embed_max_size=image_size // patch_size)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return ShapesFlowPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                              tokenizer=tokenizer, prediction=prediction)
+
+
+MIN_SIGMA = 0.05  # x-prediction: the velocity divides by sigma, clamped here (as JiT does)
+
+
+class ShapesFlowPipeline(DiffusionPipeline):
+    """Pixel-space text-to-image flow matching: x_sigma = (1 - sigma) * image + sigma * noise, sampled by integrating
+    the velocity noise - image from sigma = 1 to 0 with the flow-matching Euler scheduler.
+
+    With `prediction="x"` (the default) the transformer predicts the clean image and the velocity is
+    (x_sigma - image) / sigma: a 64 px image in 8 px patches gives 192 numbers per token, and predicting noise (or the
+    velocity) at that width fails where predicting the clean image, which lies on a low-dimensional manifold, works
+    (Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025). `prediction="v"` is SD3's."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, transformer, scheduler, text_encoder, tokenizer, prediction: str = "x"):
+        super().__init__()
+        if prediction not in ("x", "v"):
+            raise SpatialScoreError(f"prediction must be 'x' or 'v', got {prediction!r}")
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+        self.register_to_config(prediction=prediction)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.transformer.config.sample_size)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states [B, L, D], pooled [B, D]); gradients flow when the text encoder trains."""
+        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                               return_tensors="pt")
+        device = self.text_encoder.device
+        out = self.text_encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+        return out.last_hidden_state, out.text_embeds
+
+    def predict(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+        """Velocity at noise level `sigma` ([B] or scalar, in [0, 1])."""
+        return self.velocity(self.transformer, latents, sigma, embeds, pooled)
+
+    def velocity(self, transformer, latents, sigma, embeds, pooled) -> torch.Tensor:
+        """`transformer` (this pipeline's, or a wrapped / adapted one) turned into a velocity."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        timestep = (sigma * self.scheduler.config.num_train_timesteps).expand(latents.shape[0]).to(latents.dtype)
+        out = transformer(hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=timestep).sample
+        if self.config.prediction == "v":
+            return out
+        s = sigma.clamp(min=MIN_SIGMA).view(-1, *([1] * (latents.ndim - 1))) if sigma.ndim else sigma.clamp(min=MIN_SIGMA)
+        return (latents.float() - out.float()) / s
+
+    @staticmethod
+    def to_images(latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds, pooled = self.encode_prompt(prompts)
+        if guidance_scale > 1:
+            neg, neg_pooled = self.encode_prompt([""] * len(prompts))
+            embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+        size = self.image_size
+        device, dtype = self.transformer.device, self.transformer.dtype
+        if latents is None:
+            latents = torch.randn((len(prompts), 3, size, size), generator=generator, device="cpu").to(device, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([latents] * 2) if guidance_scale > 1 else latents
+            sigma = t.float() / self.scheduler.config.num_train_timesteps
+            velocity = self.velocity(self.transformer, model_in, sigma, embeds, pooled)
+            if guidance_scale > 1:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(velocity, t, latents).prev_sample
+        images = self.to_images(latents)
+        if output_type == "pt":
+            result = images
+        else:
+            arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+            result = self.numpy_to_pil(arrays) if output_type == "pil" else arrays
+        return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+
+PIPELINES = {"ShapesFlowPipeline": ShapesFlowPipeline}
+
+
+def pipeline_class_name(path: str | Path) -> str:
+    """The `_class_name` a pipeline directory's model_index.json names, or a clear error."""
+    index = Path(path) / "model_index.json"
+    if not Path(path).is_dir():
+        raise SpatialScoreError(f"{path}: no such pipeline directory")
+    if not index.is_file():
+        raise SpatialScoreError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
+    try:
+        return json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise SpatialScoreError(f"{index}: unreadable model_index.json ({err})") from None
+
+
+def load_shapes_flow(path: str | Path) -> ShapesFlowPipeline:
+    name = pipeline_class_name(path)
+    if name != "ShapesFlowPipeline":
+        raise SpatialScoreError(f"{path}: a {name} directory, but a ShapesFlowPipeline is needed here")
+    return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
+
+
+class FlowPolicy:
+    """What Flow-GRPO needs from a flow-matching pipeline. `denoiser` is the module LoRA wraps and the trainer
+    prepares (DDP / DeepSpeed); the trainer may swap in the wrapped module, which `velocity` then calls. Conditions
+    are dicts of tensors with the batch first, so `select` can slice them."""
+
+    def __init__(self, pipe, guidance_scale: float = 1.0):
+        self.pipe, self.guidance_scale = pipe, guidance_scale
+        self.denoiser = pipe.transformer
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The schedule's noise levels, decreasing from ~1 to a final 0: [steps + 1]."""
+        scheduler = copy_scheduler(self.pipe.scheduler)
+        scheduler.set_timesteps(steps, **self._timestep_kwargs())
+        return scheduler.sigmas.float().cpu()
+
+    def _timestep_kwargs(self) -> dict:
+        return {}
+
+    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                 denoiser=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def select(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+        return {k: v[index] for k, v in cond.items()}
+
+    def _guided(self, forward, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward(latents, cond-part) with classifier-free guidance when the scale is > 1 (one doubled batch)."""
+        if self.guidance_scale <= 1:
+            return forward(latents, {k: v for k, v in cond.items() if not k.startswith("neg_")})
+        both = {k: torch.cat([cond["neg_" + k], v]) for k, v in cond.items() if not k.startswith("neg_")}
+        uncond, guided = forward(torch.cat([latents, latents]), both).chunk(2)
+        return uncond + self.guidance_scale * (guided - uncond)
+
+
+def copy_scheduler(scheduler):
+    return type(scheduler).from_config(scheduler.config)
+
+
+class ShapesFlowPolicy(FlowPolicy):
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled = self.pipe.encode_prompt(prompts)
+        cond = {"embeds": embeds, "pooled": pooled}
+        if self.guidance_scale > 1:
+            neg, neg_pooled = self.pipe.encode_prompt([""] * len(prompts))
+            cond |= {"neg_embeds": neg, "neg_pooled": neg_pooled}
+        return cond
+
+    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        size = self.pipe.image_size
+        return torch.randn((n, 3, size, size), generator=generator)
+
+    def velocity(self, latents, sigma, cond, denoiser=None):
+        model = denoiser or self.denoiser
+
+        def forward(x, c):
+            return self.pipe.velocity(model, x, sigma, c["embeds"], c["pooled"])
+
+        return self._guided(forward, latents, cond)
+
+    def decode(self, latents):
+        return self.pipe.to_images(latents)
+
+
+def _vae_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    vae = pipe.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return (vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+class SD3Policy(FlowPolicy):
+    """StableDiffusion3Pipeline (SD3, SD3.5): CLIP-L + CLIP-G (+ T5) prompt encodings, latents through the VAE."""
+
+    def __init__(self, pipe, guidance_scale: float = 1.0, image_size: int = 0):
+        super().__init__(pipe, guidance_scale)
+        self.image_size = image_size or pipe.default_sample_size * pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=self.guidance_scale > 1,
+            device=self.pipe.transformer.device)
+        cond = {"embeds": embeds, "pooled": pooled}
+        if self.guidance_scale > 1:
+            cond |= {"neg_embeds": neg, "neg_pooled": neg_pooled}
+        return cond
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // self.pipe.vae_scale_factor
+        return self.pipe.transformer.config.in_channels, side, side
+
+    def _timestep_kwargs(self) -> dict:
+        if not self.pipe.scheduler.config.get("use_dynamic_shifting"):
+            return {}
+        _, h, w = self._latent_shape()
+        patch = self.pipe.transformer.config.patch_size
+        return {"mu": _shift_mu(self.pipe.scheduler, (h // patch) * (w // patch))}
+
+    def initial_noise(self, n, generator):
+        return torch.randn((n, *self._latent_shape()), generator=generator)
+
+    def velocity(self, latents, sigma, cond, denoiser=None):
+        model = denoiser or self.denoiser
+        dtype = self.pipe.transformer.dtype
+
+        def forward(x, c):
+            t = (torch.as_tensor(sigma, dtype=torch.float32) * 1000).expand(x.shape[0])
+            return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c["embeds"],
+                         pooled_projections=c["pooled"], return_dict=False)[0].float()
+
+        return self._guided(forward, latents, cond)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return _vae_decode(self.pipe, latents)
+
+
+def _shift_mu(scheduler, image_seq_len: int) -> float:
+    """The resolution-dependent timestep shift of FLUX (and SD3 with dynamic shifting), as their pipelines compute."""
+    c = scheduler.config
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return image_seq_len * slope + base - slope * base_len
+
+
+class FluxPolicy(FlowPolicy):
+    """FluxPipeline (FLUX.1): CLIP pooled + T5 prompt encodings, 2x2-packed latents, guidance distilled into an
+    embedding (`guidance_scale` goes there; no doubled batch)."""
+
+    def __init__(self, pipe, guidance_scale: float = 3.5, image_size: int = 0, max_sequence_length: int = 512):
+        super().__init__(pipe, guidance_scale)
+        self.image_size = image_size or pipe.default_sample_size * pipe.vae_scale_factor
+        self.max_sequence_length = max_sequence_length
+        self.text_ids = None
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
+                                                           device=self.pipe.transformer.device,
+                                                           max_sequence_length=self.max_sequence_length)
+        self.text_ids = text_ids  # [L, 3], the same for every prompt
+        return {"embeds": embeds, "pooled": pooled}
+
+    def _grid(self) -> int:
+        return 2 * (self.image_size // (self.pipe.vae_scale_factor * 2))
+
+    def sigmas(self, steps):
+        import numpy as np
+
+        scheduler = copy_scheduler(self.pipe.scheduler)
+        side = self._grid() // 2
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=_shift_mu(scheduler, side * side))
+        return scheduler.sigmas.float().cpu()
+
+    def initial_noise(self, n, generator):
+        channels, grid = self.pipe.transformer.config.in_channels // 4, self._grid()
+        noise = torch.randn((n, channels, grid, grid), generator=generator)
+        return self.pipe._pack_latents(noise, n, channels, grid, grid)
+
+    def velocity(self, latents, sigma, cond, denoiser=None):
+        model = denoiser or self.denoiser
+        dtype = self.pipe.transformer.dtype
+        n, grid = latents.shape[0], self._grid()
+        image_ids = self.pipe._prepare_latent_image_ids(n, grid // 2, grid // 2, latents.device, dtype)
+        guidance = (torch.full((n,), self.guidance_scale, dtype=torch.float32)
+                    if self.pipe.transformer.config.guidance_embeds else None)
+        t = torch.as_tensor(sigma, dtype=torch.float32).expand(n)
+        return model(hidden_states=latents.to(dtype), timestep=t, guidance=guidance,
+                     pooled_projections=cond["pooled"], encoder_hidden_states=cond["embeds"], txt_ids=self.text_ids,
+                     img_ids=image_ids, return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        unpacked = self.pipe._unpack_latents(latents, self.image_size, self.image_size, self.pipe.vae_scale_factor)
+        return _vae_decode(self.pipe, unpacked)
+
+
+def flow_policy(pipe, guidance_scale: float = 1.0, image_size: int = 0) -> FlowPolicy:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if isinstance(pipe, ShapesFlowPipeline):
+        return ShapesFlowPolicy(pipe, guidance_scale)
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return SD3Policy(pipe, guidance_scale, image_size)
+    if isinstance(pipe, FluxPipeline):
+        return FluxPolicy(pipe, guidance_scale, image_size)
+    raise SpatialScoreError(f"Flow-GRPO needs a flow-matching pipeline (ShapesFlowPipeline, StableDiffusion3Pipeline, "
+                            f"FluxPipeline); got {type(pipe).__name__}")
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=4, sample_size=32, shift_factor=0.0609,
+                         scaling_factor=1.5035)
+
+
+def _tiny_clip(tokenizer, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_t5():
+    """A T5 encoder and a word-level fast tokenizer for it (real T5 tokenizers need a downloaded sentencepiece file)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = shapes_tokenizer()
+    tokenizer.model_max_length = 77
+    model = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                    num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id))
+    return tokenizer, model
+
+
+def tiny_flow_pipeline(arch: str):
+    """A tiny random pipeline of a named architecture, in eval mode like a loaded one (see _tiny_flow_pipeline)."""
+    pipe = _tiny_flow_pipeline(arch)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # a freshly built T5 or CLIP would otherwise apply dropout
+    return pipe
+
+
+def _tiny_flow_pipeline(arch: str):
+    """A tiny random pipeline of a named architecture, built in code (tests, CI, benchmarks): the shapes generator,
+    SD3 (two CLIP towers, no T5, 32 px through a 2x VAE) or FLUX (CLIP + T5, guidance embedding, packed latents)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusion3Pipeline
+
+    from spatialscore.heads import learned
+
+    def tiny_clip_tokenizer():
+        tokenizer = learned.tiny_clip_tokenizer()
+        tokenizer.model_max_length = 77
+        return tokenizer
+
+    torch.manual_seed(0)
+    if arch == "shapes_flow":
+        return shapes_flow_pipeline(image_size=32, patch_size=8, layers=1, heads=2, head_dim=16, text_dim=32,
+                                    text_layers=1)
+    if arch == "sd3":
+        tokenizer = tiny_clip_tokenizer()
+        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(),
+            text_encoder=_tiny_clip(tokenizer, True), tokenizer=tokenizer,
+            text_encoder_2=_tiny_clip(tokenizer, True), tokenizer_2=tiny_clip_tokenizer(),
+            text_encoder_3=None, tokenizer_3=None)
+        return pipe
+    if arch == "flux":
+        tokenizer = tiny_clip_tokenizer()
+        t5_tokenizer, t5 = _tiny_t5()
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+        pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, False),
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+        pipe.default_sample_size = 16  # 32 px images (a real FLUX defaults to 1024)
+        return pipe
+    raise SpatialScoreError(f"model.tiny: no tiny {arch!r} pipeline (shapes_flow, sd3, flux)")
+
+
+def load_flow_pipeline(path: str | Path, field: str):
+    """A local flow-matching pipeline directory: the shapes base, SD3 or FLUX (never downloaded)."""
+    name = pipeline_class_name(path)
+    if name == "ShapesFlowPipeline":
+        return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
+    if name in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        import diffusers
+
+        return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True)
+    raise SpatialScoreError(f"{field}: {path} holds a {name}; Flow-GRPO trains flow-matching pipelines "
+                            f"(ShapesFlowPipeline, StableDiffusion3Pipeline, FluxPipeline)")
