@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from spatialscore.config import GrpoConfig, load_config
-from spatialscore.models.generators import flow_policy, load_flow_pipeline, tiny_flow_pipeline
-from spatialscore.train.flow_grpo import sample_trajectories, train_grpo
+from spatialscore.models.generators import flow_policy, load_flow_pipeline, tiny_pipeline
+from spatialscore.train.flow_grpo import train_grpo
+from spatialscore.train.policy_gradient import sample_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "data" / "generators" / "shapes-flow"
@@ -40,7 +41,7 @@ def _median(fn, repeats: int) -> float:
 
 
 def sampling(pipeline: str | None, batch: int, steps: int, repeats: int) -> dict:
-    pipe = load_flow_pipeline(pipeline, "--pipeline") if pipeline else tiny_flow_pipeline("shapes_flow")
+    pipe = load_flow_pipeline(pipeline, "--pipeline") if pipeline else tiny_pipeline("shapes_flow")
     pipe.set_progress_bar_config(disable=True)
     policy = flow_policy(pipe)
     prompts = (PROMPTS * batch)[:batch]

@@ -223,30 +223,34 @@ def cmd_train_generator(args) -> int:
     return 0
 
 
-def cmd_train_grpo(args) -> int:
-    from spatialscore.config import GrpoConfig, load_config
-    from spatialscore.train.flow_grpo import PromptSource, build_reward, load_pipeline
+def _train_rl(args, schema, train) -> int:
+    """train-grpo and train-ddpo: validate everything (prompts, reward heads, the pipeline directory) before any
+    process starts or writes, relaunch under accelerate when asked, then train."""
+    from spatialscore.config import load_config, project_path
+    from spatialscore.train.policy_gradient import PromptSource, build_reward
 
-    cfg = load_config(GrpoConfig, args.recipe, args.overrides)
+    cfg = load_config(schema, args.recipe, args.overrides)
     launch, relaunch = _launched(args)
-    if not args.worker:  # bad prompts, pipelines and heads fail here, before any process starts or writes
+    if not args.worker:
         PromptSource(cfg)
         build_reward(cfg)
         if cfg.model.pipeline:
-            from spatialscore.config import project_path
-            from spatialscore.models.generators import pipeline_class_name
+            from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, pipeline_class_name
 
-            pipeline_class_name(project_path(cfg.model.pipeline))
+            kinds = {"grpo": FLOW_PIPELINES, "ddpo": UNET_PIPELINES}.get(cfg.kind, FLOW_PIPELINES + UNET_PIPELINES)
+            name = pipeline_class_name(project_path(cfg.model.pipeline))
+            if name not in kinds:
+                raise SpatialScoreError(f"model.pipeline: {cfg.model.pipeline} holds a {name}; train-{cfg.kind} "
+                                        f"trains {', '.join(kinds)}")
     if relaunch:
         return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
-    from spatialscore.train.flow_grpo import train_grpo
-
     out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
-    result = train_grpo(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
+    result = train(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
     if args.worker and not _is_main_process():
         return 0
     base, final = result.get("base") or {}, result.get("final") or {}
-    human = (f"{result['iterations']} iterations on {result['world_size']} process(es); held-out reward "
+    done = f"{result['iterations']} iterations" if "iterations" in result else f"{result['steps']} steps"
+    human = (f"{done} on {result['world_size']} process(es); held-out reward "
              f"{base.get('reward_mean', float('nan')):.4f} -> {final.get('reward_mean', float('nan')):.4f}")
     if "oracle_accuracy" in final:
         human += f", oracle accuracy {base['oracle_accuracy']:.3f} -> {final['oracle_accuracy']:.3f}"
@@ -254,6 +258,27 @@ def cmd_train_grpo(args) -> int:
         human += "; REWARD HACKING SUSPECTED (the reward rose while the oracle fell; see metrics.jsonl)"
     _emit(args, result, human + f"; LoRA and merged pipeline in {out}/final")
     return 0
+
+
+def cmd_train_grpo(args) -> int:
+    from spatialscore.config import GrpoConfig
+    from spatialscore.train.flow_grpo import train_grpo
+
+    return _train_rl(args, GrpoConfig, train_grpo)
+
+
+def cmd_train_dpo(args) -> int:
+    from spatialscore.config import DpoConfig
+    from spatialscore.train.diffusion_dpo import train_dpo
+
+    return _train_rl(args, DpoConfig, train_dpo)
+
+
+def cmd_train_ddpo(args) -> int:
+    from spatialscore.config import DdpoConfig
+    from spatialscore.train.ddpo import train_ddpo
+
+    return _train_rl(args, DdpoConfig, train_ddpo)
 
 
 def _is_main_process() -> bool:
@@ -442,6 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "spatialscore train-grpo recipes/shapes/grpo.yaml --launch zero2 --nproc 2 --out runs/grpo-z2")
     _add_train_flags(p, "grpo")
     p.set_defaults(func=cmd_train_grpo)
+
+    p = _parser(verbs, "train-ddpo", "DDPO: fine-tune a DDIM UNet pipeline (SD1.5-style, LoRA) against reward heads",
+                "spatialscore train-ddpo recipes/paper/ddpo_sd15.yaml model.pipeline=models/sd15 --out runs/ddpo")
+    _add_train_flags(p, "ddpo")
+    p.set_defaults(func=cmd_train_ddpo)
+
+    p = _parser(verbs, "train-dpo", "Diffusion-DPO: fine-tune a generator (LoRA) offline on preference pairs",
+                "spatialscore train-dpo recipes/shapes/dpo.yaml --out runs/dpo\n"
+                "spatialscore train-dpo recipes/shapes/dpo.yaml data.train=runs/pairs/pairs.jsonl --out runs/dpo")
+    _add_train_flags(p, "dpo")
+    p.set_defaults(func=cmd_train_dpo)
 
     p = _parser(verbs, "eval-reward", "pairwise accuracy of a reward model, per perturbation kind and count",
                 "spatialscore eval-reward --reward runs/reward --pairs runs/pairs/pairs.jsonl --json")

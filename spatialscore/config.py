@@ -245,7 +245,7 @@ class PolicyModelConfig:
     tiny random one of a named architecture (`tiny: sd3`), for tests."""
 
     pipeline: str | None = None
-    tiny: str | None = None  # shapes_flow | sd3 | flux: a tiny random pipeline built in code
+    tiny: str | None = None  # shapes_flow | sd3 | flux | sd15: a tiny random pipeline built in code
     image_size: int = 0  # 0: the pipeline's default
     lora_r: int = 8
     lora_alpha: int = 16
@@ -257,7 +257,7 @@ class PolicyModelConfig:
 
     def __post_init__(self):
         if self.tiny is not None:
-            _one_of("model.tiny", self.tiny, ("shapes_flow", "sd3", "flux"))
+            _one_of("model.tiny", self.tiny, ("shapes_flow", "sd3", "flux", "sd15"))
         _one_of("model.precision", self.precision, ("fp32", "bf16"))
         if self.lora_r < 1:
             raise SpatialScoreError(f"model.lora_r must be >= 1, got {self.lora_r}")
@@ -294,7 +294,8 @@ class RLPromptsConfig:
 @dataclass
 class GrpoSampleConfig:
     steps: int = 10  # denoising steps per image
-    noise_level: float = 0.7  # the SDE's a (Flow-GRPO); 0 would be the deterministic ODE
+    noise_level: float = 0.7  # flow-matching pipelines: the SDE's a (Flow-GRPO); 0 would be the deterministic ODE
+    eta: float = 1.0  # DDIM pipelines (DDPO): the share of the DDPM posterior's noise; 0 would be deterministic
     guidance_scale: float = 1.0  # classifier-free guidance (> 1 doubles the batch)
     group_size: int = 8  # G images per prompt
     prompts_per_iter: int = 8  # over all processes
@@ -302,8 +303,9 @@ class GrpoSampleConfig:
     eval_steps: int = 20  # ODE steps of the evaluation samples
 
     def __post_init__(self):
-        if self.steps < 1 or self.group_size < 2 or self.prompts_per_iter < 1 or self.noise_level < 0:
-            raise SpatialScoreError("sample: need steps >= 1, group_size >= 2, prompts_per_iter >= 1, noise_level >= 0")
+        if self.steps < 1 or self.group_size < 1 or self.prompts_per_iter < 1 or self.noise_level < 0 or self.eta < 0:
+            raise SpatialScoreError("sample: need steps >= 1, group_size >= 1, prompts_per_iter >= 1, "
+                                    "noise_level >= 0, eta >= 0")
 
 
 @dataclass
@@ -325,6 +327,9 @@ class GrpoTrainConfig:
     save_every: int = 10
     save_merged: bool = True  # final/pipeline: the base with LoRA merged (small models); final/lora always
     hacking_tolerance: float = 0.05  # oracle drop (vs. the base) that, with a rising reward, flags reward hacking
+    per_prompt: bool = True  # DDPO: standardise by each prompt's own reward history
+    buffer_size: int = 32  # DDPO: rewards kept per prompt
+    min_count: int = 16  # DDPO: below this many, the batch's statistics stand in
     seed: int = 0
 
     def __post_init__(self):
@@ -362,8 +367,80 @@ class GrpoConfig:
                 raise SpatialScoreError(f"train.timesteps: {t} is not a step index in [0, {self.sample.steps})")
 
 
+@dataclass
+class DdpoConfig(GrpoConfig):
+    """DDPO on a DDIM UNet pipeline (`spatialscore train-ddpo`): the same sections as Flow-GRPO's, with DDPO's
+    defaults (eta 1, guidance 5, no KL, no top-k, per-prompt reward statistics)."""
+
+    kind: str = "ddpo"
+    sample: GrpoSampleConfig = dataclasses.field(
+        default_factory=lambda: GrpoSampleConfig(steps=20, eta=1.0, guidance_scale=5.0, group_size=8))
+    train: GrpoTrainConfig = dataclasses.field(default_factory=lambda: GrpoTrainConfig(kl_beta=0.0, top_k=0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.top_k:
+            raise SpatialScoreError("train.top_k: DDPO trains on every sample (top-k filtering is Flow-GRPO's)")
+
+
+@dataclass
+class DpoDataConfig:
+    """Preference pairs: a pairs file (JSONL / parquet / HF directory / Pick-a-Pic table), or shapes-world pairs
+    generated at the generator's image size."""
+
+    train: str | None = None
+    n_train: int = 4000
+    seed: int = 0
+    style: str = "short"
+    phrasing: str = "train"
+    tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_tags("data", self.style, self.phrasing, self.tag_weights)
+
+
+@dataclass
+class DpoTrainConfig:
+    steps: int = 500
+    batch_size: int = 16  # pairs per optimizer step, over all processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta: float = 500.0  # Diffusion-DPO's beta (the paper: 2500 for SD1.5); larger keeps closer to the reference
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    save_merged: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.beta <= 0:
+            raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, beta > 0")
+
+
+@dataclass
+class DpoConfig:
+    """Diffusion-DPO (`spatialscore train-dpo`): offline preference optimisation of a UNet or flow-matching
+    pipeline's LoRA; the reference is the pipeline with the LoRA disabled."""
+
+    kind: str = "dpo"
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    data: DpoDataConfig = dataclasses.field(default_factory=DpoDataConfig)
+    train: DpoTrainConfig = dataclasses.field(default_factory=DpoTrainConfig)
+    prompts: RLPromptsConfig = dataclasses.field(default_factory=RLPromptsConfig)  # the held-out evaluation set
+    sample: GrpoSampleConfig = dataclasses.field(default_factory=GrpoSampleConfig)  # eval_steps, guidance, batch
+    reward: RLRewardConfig = dataclasses.field(default_factory=lambda: RLRewardConfig(heads={"oracle": 1.0}))
+    report_to: str = "none"
+
+    def __post_init__(self):
+        _one_of("report_to", self.report_to, ("none", "wandb"))
+        if (self.model.pipeline is None) == (self.model.tiny is None):
+            raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
+                                    "and model.tiny (shapes_flow | sd3 | flux | sd15)")
+
+
 KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig, "reward": RewardConfig,
-                          "generator": GeneratorConfig, "grpo": GrpoConfig}
+                          "generator": GeneratorConfig, "grpo": GrpoConfig, "ddpo": DdpoConfig,
+                          "dpo": DpoConfig}
 
 
 def _did_you_mean(key: str, valid) -> str:

@@ -3,7 +3,7 @@
 
 import pytest
 
-from spatialscore.config import (KINDS, GeneratorConfig, GrpoConfig, PairsConfig, PromptsConfig, RewardConfig, find_recipe,
+from spatialscore.config import (KINDS, DdpoConfig, GeneratorConfig, GrpoConfig, PairsConfig, PromptsConfig, RewardConfig, find_recipe,
                                  list_recipes, load_config, save_config, schema_for)
 from spatialscore.errors import SpatialScoreError
 
@@ -90,15 +90,20 @@ def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatc
                 "model.text_dim=32", "model.text_layers=1"]
         result = train_generator(load_config(schema, path, tiny), tmp_path / "run", progress=False)
         assert result["step"] == 2 and (tmp_path / "run" / "final" / "model_index.json").is_file()
-    elif schema is GrpoConfig:
+    elif schema in (GrpoConfig, DdpoConfig):
+        from spatialscore.train.ddpo import train_ddpo
         from spatialscore.train.flow_grpo import train_grpo
 
-        arch = "flux" if "flux" in name else "sd3" if "sd3" in name else "shapes_flow"
+        arch = ("flux" if "flux" in name else "sd3" if "sd3" in name else "sd15" if schema is DdpoConfig
+                else "shapes_flow")
         tiny = ["model.pipeline=null", f"model.tiny={arch}", "model.image_size=32", "model.precision=fp32",
                 "prompts.file=null", "prompts.eval_file=null", "prompts.eval_n=2", "reward.heads={oracle: 1.0}",
                 "reward.kwargs={}", "sample.prompts_per_iter=1", "sample.group_size=4", "sample.eval_steps=2",
-                "sample.steps=2", "train.top_k=1", "train.iterations=1", "train.eval_every=1"]
-        result = train_grpo(load_config(schema, path, tiny), tmp_path / "run", progress=False)
+                "sample.steps=2", "train.iterations=1", "train.eval_every=1"]
+        if schema is GrpoConfig:
+            tiny.append("train.top_k=1")
+        train = train_grpo if schema is GrpoConfig else train_ddpo
+        result = train(load_config(schema, path, tiny), tmp_path / "run", progress=False)
         assert result["final"]["iteration"] == 1
     else:
         pytest.fail(f"no tiny run for recipe kind {cfg.kind!r}: add one here")

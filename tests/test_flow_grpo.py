@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from spatialscore.config import GrpoConfig, load_config
 from spatialscore.errors import SpatialScoreError
 from spatialscore.heads import RewardHead, RewardOutput, register_head
-from spatialscore.models.generators import flow_policy, tiny_flow_pipeline
-from spatialscore.train.flow_grpo import (add_lora, sample_ode, sample_trajectories, step_log_prob, train_grpo)
+from spatialscore.models.generators import policy_for, tiny_pipeline
+from spatialscore.train.flow_grpo import train_grpo
+from spatialscore.train.policy_gradient import add_lora, sample_ode, sample_trajectories, step_log_prob
 
 TINY = ["model.tiny=shapes_flow", "reward.heads={oracle: 1.0}", "prompts.eval_n=4", "sample.steps=4", "sample.group_size=4",
         "sample.prompts_per_iter=2", "train.top_k=1", "train.micro_batch=4", "train.eval_every=100"]
@@ -62,14 +63,14 @@ def _cfg(*overrides: str) -> GrpoConfig:
 
 def _policy_with_lora(guidance: float = 1.0):
     cfg = _cfg()
-    pipe = tiny_flow_pipeline("shapes_flow")
+    pipe = tiny_pipeline("shapes_flow")
     pipe.transformer.requires_grad_(False)
     peft = add_lora(pipe.transformer, cfg)
     with torch.no_grad():  # a LoRA that changes the policy, so policy and reference differ
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    policy = flow_policy(pipe, guidance)
+    policy = policy_for(pipe, guidance)
     policy.denoiser = peft
     return pipe, peft, policy
 
@@ -79,30 +80,31 @@ def test_recomputed_step_log_probs_match_the_sampler_and_the_ratio_is_one(guidan
     _, peft, policy = _policy_with_lora(guidance)
     prompts = ["a red circle to the left of a blue star", "a green square above a yellow triangle"] * 3
     cond = policy.encode(prompts)
-    traj = sample_trajectories(policy, cond, steps=5, noise_level=0.7, generator=torch.Generator().manual_seed(0),
+    traj = sample_trajectories(policy, cond, steps=5, noise=0.7, generator=torch.Generator().manual_seed(0),
                                batch_size=4)
     assert traj.latents.shape[:2] == (6, 6) and traj.log_probs.shape == (6, 5)
     index = torch.tensor([5, 0, 3])  # another batch composition than sampling used
     sub = policy.select(cond, index)
     reference_gap = 0.0
     for j in range(5):  # every timestep
-        lp, _, _ = step_log_prob(policy, traj.latents[index], j, traj.sigmas, traj.noise_scales, sub)
+        lp, _, _ = step_log_prob(policy, traj.latents[index], j, traj.schedule, sub)
         # log-probs are means over the image's elements (as Flow-GRPO's), so they are compared tightly
         assert torch.allclose(lp, traj.log_probs[index, j], atol=1e-6, rtol=0)
         assert (torch.exp(lp - traj.log_probs[index, j]) - 1).abs().max() < 1e-4
         with peft.disable_adapter():  # the reference policy is really another policy
-            lp_ref, _, _ = step_log_prob(policy, traj.latents[index], j, traj.sigmas, traj.noise_scales, sub)
+            lp_ref, _, _ = step_log_prob(policy, traj.latents[index], j, traj.schedule, sub)
         reference_gap = max(reference_gap, float((lp_ref - traj.log_probs[index, j]).abs().max()))
     assert reference_gap > 1e-5  # 100x the tolerance above
 
 
-@pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("sd3", 2.0), ("flux", 3.5)])
+@pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("sd3", 2.0), ("flux", 3.5), ("sd15", 5.0)])
 def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):
-    """The ODE through our policy adapter (prompt encoding, schedule, guidance, packing, VAE) equals the pipeline's
-    own call from the same noise, so the SDE sampler trains the model the pipeline runs."""
-    pipe = tiny_flow_pipeline(arch)
+    """The deterministic sampler through our policy adapter (prompt encoding, schedule, guidance, packing, VAE) equals
+    the pipeline's own call from the same noise (Euler for flows, DDIM eta 0 for SD1.5), so the stochastic sampler
+    trains the model the pipeline runs; and every stored step's log-probability recomputes exactly."""
+    pipe = tiny_pipeline(arch)
     pipe.set_progress_bar_config(disable=True)
-    policy = flow_policy(pipe, guidance)
+    policy = policy_for(pipe, guidance)
     prompts = ["a red circle", "two blue stars"]
     noise = policy.initial_noise(2, torch.Generator().manual_seed(1))
     ours = sample_ode(policy, policy.encode(prompts), 5, noise)
@@ -110,9 +112,10 @@ def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):
     theirs = pipe(prompts, num_inference_steps=5, guidance_scale=guidance, latents=noise.clone(), output_type="pt",
                   **size).images
     assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
-    traj = sample_trajectories(policy, policy.encode(prompts), 3, 0.7, torch.Generator().manual_seed(0))
+    noise_level = 1.0 if arch == "sd15" else 0.7  # DDPO's eta, Flow-GRPO's SDE noise level
+    traj = sample_trajectories(policy, policy.encode(prompts), 3, noise_level, torch.Generator().manual_seed(0))
     for j in range(3):
-        lp, _, _ = step_log_prob(policy, traj.latents, j, traj.sigmas, traj.noise_scales, policy.encode(prompts))
+        lp, _, _ = step_log_prob(policy, traj.latents, j, traj.schedule, policy.encode(prompts))
         assert torch.allclose(lp, traj.log_probs[:, j], atol=1e-6, rtol=0)
 
 
@@ -228,8 +231,37 @@ def _final_lora(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "lora" / "adapter_model.safetensors"))
 
 
-def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, cli_env):
-    args = [EXE, "train-grpo", str(cli_env), "train.iterations=12", "train.save_every=2"]
+TINY_DDPO = """kind: ddpo
+model: {tiny: sd15, image_size: 32}
+reward: {heads: {test_brightness_cli: 1.0}}
+prompts: {eval_n: 4}
+sample: {steps: 3, group_size: 4, prompts_per_iter: 2, eval_steps: 2}
+train: {micro_batch: 4, eval_every: 100, lr: 0.01, clip_range: 0.2, min_count: 2}
+"""
+TINY_DPO = """kind: dpo
+model: {tiny: shapes_flow}
+data: {n_train: 16}
+prompts: {eval_n: 4}
+sample: {eval_steps: 2}
+train: {batch_size: 4, lr: 0.01, beta: 50, eval_every: 100}
+"""
+# verb, recipe, the key that counts training steps
+TRAINERS = {"grpo": ("train-grpo", "tiny.yaml", "train.iterations"),
+            "ddpo": ("train-ddpo", "ddpo.yaml", "train.iterations"),
+            "dpo": ("train-dpo", "dpo.yaml", "train.steps")}
+
+
+@pytest.fixture
+def recipes(cli_env):
+    (cli_env.parent / "ddpo.yaml").write_text(TINY_DDPO)
+    (cli_env.parent / "dpo.yaml").write_text(TINY_DPO)
+    return cli_env.parent
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, recipes, trainer):
+    verb, recipe, steps = TRAINERS[trainer]
+    args = [EXE, verb, str(recipes / recipe), f"{steps}=12", "train.save_every=2"]
     subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen([*args, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -247,9 +279,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, cli_e
     assert starts[0]["resumed_from"] == 0 and starts[-1]["resumed_from"] >= 4
 
 
-def test_zero2_on_two_processes_runs_and_resumes_to_the_same_weights(tmp_path, cli_env):
-    args = [EXE, "train-grpo", str(cli_env), "train.iterations=4", "train.save_every=2", "--launch", "zero2",
-            "--nproc", "2"]
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_zero2_on_two_processes_runs_and_resumes_to_the_same_weights(tmp_path, recipes, trainer):
+    verb, recipe, steps = TRAINERS[trainer]
+    args = [EXE, verb, str(recipes / recipe), f"{steps}=4", "train.save_every=2", "--launch", "zero2", "--nproc", "2"]
     halfway = tmp_path / "straight" / "checkpoints" / "step-2"
     for name, extra in [("straight", []), ("resumed", ["--resume", str(halfway)])]:
         result = subprocess.run([*args, "--out", str(tmp_path / name), *extra], capture_output=True, text=True,
@@ -257,7 +290,6 @@ def test_zero2_on_two_processes_runs_and_resumes_to_the_same_weights(tmp_path, c
         assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["world_size"] == 2
-    assert all(r["trained_samples"] == 2 for r in rows[1:] if "trained_samples" in r)  # 1 prompt per process, 1+1
     a, b = _final_lora(tmp_path / "straight"), _final_lora(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)

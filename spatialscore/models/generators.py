@@ -177,16 +177,24 @@ def load_shapes_flow(path: str | Path) -> ShapesFlowPipeline:
 
 
 class FlowPolicy:
-    """What Flow-GRPO needs from a flow-matching pipeline. `denoiser` is the module LoRA wraps and the trainer
-    prepares (DDP / DeepSpeed); the trainer may swap in the wrapped module, which `velocity` then calls. Conditions
-    are dicts of tensors with the batch first, so `select` can slice them."""
+    """What policy-gradient RL needs from a pipeline (here a flow-matching one; DDIMPolicy for UNets). `denoiser` is
+    the module LoRA wraps and the trainer prepares (DDP / DeepSpeed); the trainer may swap in the wrapped module,
+    which `predict` then calls. Conditions are dicts of tensors with the batch first, so `select` can slice them."""
 
-    def __init__(self, pipe, guidance_scale: float = 1.0):
+    def __init__(self, pipe, guidance_scale: float = 1.0, denoiser=None):
         self.pipe, self.guidance_scale = pipe, guidance_scale
-        self.denoiser = pipe.transformer
+        self.denoiser = denoiser if denoiser is not None else pipe.transformer
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    noise_field = "noise_level"  # which sample.* setting sets the sampler's randomness
+
+    def schedule(self, steps: int, noise: float):
+        """The stochastic sampler RL trains through (train/sde.py): here Flow-GRPO's SDE with noise level `noise`."""
+        from spatialscore.train.sde import FlowSchedule
+
+        return FlowSchedule(self.sigmas(steps), noise)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The schedule's noise levels, decreasing from ~1 to a final 0: [steps + 1]."""
@@ -200,13 +208,24 @@ class FlowPolicy:
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
-                 denoiser=None) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, time: torch.Tensor, cond: dict[str, torch.Tensor],
+                denoiser=None) -> torch.Tensor:
+        """The model's output at the schedule's time (a velocity here, at noise level sigma), guided when asked."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1]."""
         raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> the latents the model denoises (offline training: Diffusion-DPO)."""
+        raise NotImplementedError
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """(noisy latents, model time, regression target) at training times drawn from `u` ~ U(0, 1) [B]: for flow
+        matching sigma = u, x = (1 - sigma) x0 + sigma noise, target = noise - x0 (the velocity)."""
+        sigma = u.view(-1, *([1] * (latents.ndim - 1)))
+        return (1 - sigma) * latents + sigma * noise, u, noise - latents
 
     @staticmethod
     def select(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
@@ -226,6 +245,10 @@ def copy_scheduler(scheduler):
 
 
 class ShapesFlowPolicy(FlowPolicy):
+    @property
+    def image_size(self) -> int:
+        return self.pipe.image_size
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled = self.pipe.encode_prompt(prompts)
@@ -239,7 +262,7 @@ class ShapesFlowPolicy(FlowPolicy):
         size = self.pipe.image_size
         return torch.randn((n, 3, size, size), generator=generator)
 
-    def velocity(self, latents, sigma, cond, denoiser=None):
+    def predict(self, latents, sigma, cond, denoiser=None):
         model = denoiser or self.denoiser
 
         def forward(x, c):
@@ -250,10 +273,22 @@ class ShapesFlowPolicy(FlowPolicy):
     def decode(self, latents):
         return self.pipe.to_images(latents)
 
+    def encode_images(self, images):
+        return images.float() * 2 - 1
 
-def _vae_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+
+@torch.no_grad()
+def _vae_encode(pipe, images: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Images in [0, 1] -> scaled latents; `shift`: subtract the VAE's shift factor (SD3, FLUX; SD1.5 has none and
+    its pipeline ignores one)."""
     vae = pipe.vae
-    latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.float()
+    return (latents - ((vae.config.shift_factor or 0.0) if shift else 0.0)) * vae.config.scaling_factor
+
+
+def _vae_decode(pipe, latents: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    vae = pipe.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + ((vae.config.shift_factor or 0.0) if shift else 0.0)
     return (vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -288,7 +323,7 @@ class SD3Policy(FlowPolicy):
     def initial_noise(self, n, generator):
         return torch.randn((n, *self._latent_shape()), generator=generator)
 
-    def velocity(self, latents, sigma, cond, denoiser=None):
+    def predict(self, latents, sigma, cond, denoiser=None):
         model = denoiser or self.denoiser
         dtype = self.pipe.transformer.dtype
 
@@ -302,6 +337,15 @@ class SD3Policy(FlowPolicy):
     @torch.no_grad()
     def decode(self, latents):
         return _vae_decode(self.pipe, latents)
+
+    def encode_images(self, images):
+        return _vae_encode(self.pipe, _resized(images, self.image_size))
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
 
 
 def _shift_mu(scheduler, image_seq_len: int) -> float:
@@ -347,7 +391,7 @@ class FluxPolicy(FlowPolicy):
         noise = torch.randn((n, channels, grid, grid), generator=generator)
         return self.pipe._pack_latents(noise, n, channels, grid, grid)
 
-    def velocity(self, latents, sigma, cond, denoiser=None):
+    def predict(self, latents, sigma, cond, denoiser=None):
         model = denoiser or self.denoiser
         dtype = self.pipe.transformer.dtype
         n, grid = latents.shape[0], self._grid()
@@ -363,6 +407,77 @@ class FluxPolicy(FlowPolicy):
     def decode(self, latents):
         unpacked = self.pipe._unpack_latents(latents, self.image_size, self.image_size, self.pipe.vae_scale_factor)
         return _vae_decode(self.pipe, unpacked)
+
+    def encode_images(self, images):
+        latents = _vae_encode(self.pipe, _resized(images, self.image_size))
+        n, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, n, c, h, w)
+
+
+class DDIMPolicy(FlowPolicy):
+    """StableDiffusionPipeline-style UNets (SD1.5) for DDPO: epsilon prediction at integer timesteps, DDIM steps
+    with eta-scaled noise, latents through the VAE."""
+
+    noise_field = "eta"
+
+    def __init__(self, pipe, guidance_scale: float = 5.0, image_size: int = 0):
+        super().__init__(pipe, guidance_scale, pipe.unet)
+        self.image_size = image_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def schedule(self, steps: int, noise: float):
+        from spatialscore.train.sde import DDIMSchedule
+
+        scheduler = copy_scheduler(self.pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps.cpu()
+        alphas = scheduler.alphas_cumprod.float().cpu()
+        previous = timesteps - scheduler.config.num_train_timesteps // steps
+        final = alphas.new_tensor(1.0) if scheduler.config.set_alpha_to_one else alphas[0]
+        alphas_prev = torch.where(previous >= 0, alphas[previous.clamp(min=0)], final)
+        return DDIMSchedule(timesteps, alphas[timesteps], alphas_prev, noise)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, neg = self.pipe.encode_prompt(list(prompts), self.pipe.unet.device, 1, self.guidance_scale > 1)
+        return {"embeds": embeds, **({"neg_embeds": neg} if self.guidance_scale > 1 else {})}
+
+    def initial_noise(self, n, generator):
+        side = self.image_size // self.pipe.vae_scale_factor
+        return torch.randn((n, self.pipe.unet.config.in_channels, side, side), generator=generator)
+
+    def predict(self, latents, timestep, cond, denoiser=None):
+        model = denoiser or self.denoiser
+        dtype = self.pipe.unet.dtype
+
+        def forward(x, c):
+            t = torch.as_tensor(timestep).expand(x.shape[0])
+            return model(x.to(dtype), t, encoder_hidden_states=c["embeds"], return_dict=False)[0].float()
+
+        return self._guided(forward, latents, cond)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return _vae_decode(self.pipe, latents, shift=False)
+
+    def encode_images(self, images):
+        return _vae_encode(self.pipe, _resized(images, self.image_size), shift=False)
+
+    def noised(self, latents, noise, u):
+        """DDPM forward process at integer timesteps t = floor(u * T): x = sqrt(a) x0 + sqrt(1 - a) noise; the model
+        predicts the noise."""
+        steps = self.pipe.scheduler.config.num_train_timesteps
+        t = (u * steps).long().clamp(max=steps - 1)
+        a = self.pipe.scheduler.alphas_cumprod.float()[t].view(-1, *([1] * (latents.ndim - 1)))
+        return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
+
+
+def policy_for(pipe, guidance_scale: float, image_size: int = 0) -> FlowPolicy:
+    """The policy view of any supported pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    if isinstance(pipe, StableDiffusionPipeline):
+        return DDIMPolicy(pipe, guidance_scale, image_size)
+    return flow_policy(pipe, guidance_scale, image_size)
 
 
 def flow_policy(pipe, guidance_scale: float = 1.0, image_size: int = 0) -> FlowPolicy:
@@ -409,18 +524,19 @@ def _tiny_t5():
     return tokenizer, model
 
 
-def tiny_flow_pipeline(arch: str):
-    """A tiny random pipeline of a named architecture, in eval mode like a loaded one (see _tiny_flow_pipeline)."""
-    pipe = _tiny_flow_pipeline(arch)
+def tiny_pipeline(arch: str):
+    """A tiny random pipeline of a named architecture, in eval mode like a loaded one (see _tiny_pipeline)."""
+    pipe = _tiny_pipeline(arch)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # a freshly built T5 or CLIP would otherwise apply dropout
     return pipe
 
 
-def _tiny_flow_pipeline(arch: str):
+def _tiny_pipeline(arch: str):
     """A tiny random pipeline of a named architecture, built in code (tests, CI, benchmarks): the shapes generator,
-    SD3 (two CLIP towers, no T5, 32 px through a 2x VAE) or FLUX (CLIP + T5, guidance embedding, packed latents)."""
+    SD3 (two CLIP towers, no T5, 32 px through a 2x VAE), FLUX (CLIP + T5, guidance embedding, packed latents) or
+    SD1.5 (a cross-attention UNet with DDIM, 32 px through the VAE)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusion3Pipeline
 
     from spatialscore.heads import learned
@@ -457,17 +573,38 @@ def _tiny_flow_pipeline(arch: str):
                             tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
         pipe.default_sample_size = 16  # 32 px images (a real FLUX defaults to 1024)
         return pipe
-    raise SpatialScoreError(f"model.tiny: no tiny {arch!r} pipeline (shapes_flow, sd3, flux)")
+    if arch == "sd15":
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+        tokenizer = tiny_clip_tokenizer()
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=4, norm_num_groups=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, False), tokenizer=tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    raise SpatialScoreError(f"model.tiny: no tiny {arch!r} pipeline (shapes_flow, sd3, flux, sd15)")
+
+
+FLOW_PIPELINES = ("ShapesFlowPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+UNET_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def load_pipeline_dir(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str):
+    """A local pipeline directory (never downloaded) whose class is one of `kinds`, or an error naming the field."""
+    name = pipeline_class_name(path)
+    if name not in kinds:
+        raise SpatialScoreError(f"{field}: {path} holds a {name}; {algorithm} trains {', '.join(kinds)}")
+    if name == "ShapesFlowPipeline":
+        return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
+    import diffusers
+
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
+    return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
 def load_flow_pipeline(path: str | Path, field: str):
-    """A local flow-matching pipeline directory: the shapes base, SD3 or FLUX (never downloaded)."""
-    name = pipeline_class_name(path)
-    if name == "ShapesFlowPipeline":
-        return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
-    if name in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        import diffusers
-
-        return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True)
-    raise SpatialScoreError(f"{field}: {path} holds a {name}; Flow-GRPO trains flow-matching pipelines "
-                            f"(ShapesFlowPipeline, StableDiffusion3Pipeline, FluxPipeline)")
+    return load_pipeline_dir(path, field, FLOW_PIPELINES, "Flow-GRPO")

@@ -147,7 +147,7 @@ def save_pipeline(pipe, directory: Path, dtype: torch.dtype = torch.float16) -> 
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     saved = copy.deepcopy(pipe)
-    if saved.transformer.dtype != dtype:
+    if saved.dtype != dtype:
         saved.to(dtype=dtype)
     saved.save_pretrained(str(tmp), safe_serialization=True)
     if directory.exists():

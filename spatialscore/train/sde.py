@@ -76,3 +76,47 @@ def ddim_step(sample: Tensor, eps: Tensor, alpha_prod: float | Tensor, alpha_pro
     if prev_sample is None:
         prev_sample = mean + std * (torch.randn_like(mean) if noise is None else noise)
     return prev_sample, gaussian_log_prob(prev_sample.float().detach(), mean, std), mean, std
+
+
+class FlowSchedule:
+    """Flow-GRPO's SDE over a flow-matching schedule; the model's output is a velocity, its time input the sigma."""
+
+    def __init__(self, sigmas: Tensor, noise_level: float):
+        self.sigmas = sigmas.float()
+        self.noise_scales = sde_noise_scales(self.sigmas, noise_level)
+
+    def __len__(self) -> int:
+        return len(self.sigmas) - 1
+
+    def model_time(self, i: int) -> Tensor:
+        return self.sigmas[i]
+
+    def step(self, i: int, sample: Tensor, output: Tensor, noise: Tensor | None = None,
+             next_sample: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return sde_step(sample, output, self.sigmas[i], self.sigmas[i + 1], self.noise_scales[i], noise, next_sample)
+
+    def ode_step(self, i: int, sample: Tensor, output: Tensor) -> Tensor:
+        return sample.float() + (self.sigmas[i + 1] - self.sigmas[i]) * output.float()
+
+
+class DDIMSchedule:
+    """DDPO's DDIM steps over a noise-predicting model's discrete schedule: `timesteps` (decreasing) with the
+    cumulative alphas at each and at the step after it; the model's time input is the integer timestep."""
+
+    def __init__(self, timesteps: Tensor, alphas: Tensor, alphas_prev: Tensor, eta: float):
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.timesteps, self.alphas, self.alphas_prev, self.eta = timesteps, alphas.float(), alphas_prev.float(), eta
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def model_time(self, i: int) -> Tensor:
+        return self.timesteps[i]
+
+    def step(self, i: int, sample: Tensor, output: Tensor, noise: Tensor | None = None,
+             next_sample: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return ddim_step(sample, output, self.alphas[i], self.alphas_prev[i], self.eta, noise, next_sample)
+
+    def ode_step(self, i: int, sample: Tensor, output: Tensor) -> Tensor:
+        return ddim_step(sample, output, self.alphas[i], self.alphas_prev[i], 0.0)[2]

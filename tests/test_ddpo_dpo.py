@@ -1,0 +1,126 @@
+"""DDPO (DDIM UNets) and Diffusion-DPO (UNets and flows) at tiny size: the maths, on-policy consistency, learning
+direction, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spatialscore.cli import main
+from spatialscore.config import DdpoConfig, DpoConfig, load_config
+from spatialscore.errors import SpatialScoreError
+from spatialscore.train.ddpo import PerPromptStats, train_ddpo
+from spatialscore.train.diffusion_dpo import dpo_loss, train_dpo
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPATIALSCORE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_dpo_loss_by_hand():
+    loss, inside = dpo_loss(torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.5]), torch.tensor([0.3, 0.5]),
+                            torch.tensor([0.3, 0.4]), beta=10.0)
+    # pair 0: the model's chosen-minus-rejected error is -0.2 against the reference's 0 -> inside = +1
+    # pair 1: 0 against the reference's +0.1 -> inside = +0.5
+    assert torch.allclose(inside, torch.tensor([1.0, 0.5]))
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-0.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    same, inside0 = dpo_loss(*(torch.tensor([0.3]),) * 4, beta=5.0)
+    assert inside0.item() == 0 and same.item() == pytest.approx(math.log(2))
+
+
+def test_per_prompt_statistics_take_over_from_the_batch_once_a_prompt_has_enough_history():
+    stats = PerPromptStats(buffer_size=4, min_count=3)
+    finite = torch.ones(4, dtype=torch.bool)
+    first = stats.advantages(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]), finite)
+    batch = torch.tensor([1.0, 3.0, 10.0, 30.0])
+    assert torch.allclose(first, (batch - batch.mean()) / batch.std(unbiased=False), atol=1e-5)
+    second = stats.advantages(["a", "b"], torch.tensor([2.0, 20.0]), torch.ones(2, dtype=torch.bool))
+    # both prompts now hold 3 rewards: each is standardised by its own history
+    a, b = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([10.0, 30.0, 20.0])
+    assert second[0].item() == pytest.approx(((2 - a.mean()) / a.std(unbiased=False)).item(), abs=1e-4)
+    assert second[1].item() == pytest.approx(((20 - b.mean()) / b.std(unbiased=False)).item(), abs=1e-4)
+    restored = PerPromptStats(4, 3)
+    restored.load_state_dict(json.loads(json.dumps(stats.state_dict())))
+    assert restored.buffers.keys() == stats.buffers.keys()
+    assert all(list(restored.buffers[k]) == list(stats.buffers[k]) for k in stats.buffers)
+    nan = stats.advantages(["c", "c"], torch.tensor([float("nan"), 1.0]), torch.tensor([False, True]))
+    assert list(stats.buffers["c"]) == [1.0] and torch.isfinite(nan[1])
+
+
+DDPO = ["model.tiny=sd15", "model.image_size=32", "reward.heads={oracle: 1.0}", "prompts.eval_n=2",
+        "sample.steps=3", "sample.group_size=4", "sample.prompts_per_iter=2", "sample.eval_steps=2",
+        "train.micro_batch=4", "train.eval_every=100", "train.min_count=2"]
+
+
+def test_ddpo_trains_every_sampled_step_on_policy_and_resumes_exactly(tmp_path):
+    overrides = [*DDPO, "train.iterations=3", "train.save_every=1", "train.lr=0.01", "train.clip_range=0.2"]
+    result = train_ddpo(load_config(DdpoConfig, None, overrides), tmp_path / "full", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["step"] for r in rows] == [1, 2, 3] and result["world_size"] == 1
+    for row in rows:
+        assert sorted(row["timesteps"]) == [0, 1, 2] and row["trained_samples"] == 8  # no top-k in DDPO
+        assert row["first_step_ratio_dev"] < 1e-4
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step-3" / "state.json").read_text())
+    assert state["algorithm_state"]["buffers"]  # the per-prompt statistics are checkpointed
+    train_ddpo(load_config(DdpoConfig, None, [*overrides, "train.iterations=1"]), tmp_path / "cut", progress=False)
+    train_ddpo(load_config(DdpoConfig, None, overrides), tmp_path / "cut", resume=str(tmp_path / "cut"),
+               progress=False)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-3" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-3" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "final" / "pipeline" / "unet").is_dir()
+
+
+DPO = ["model.tiny=shapes_flow", "data.n_train=8", "prompts.eval_n=2", "sample.eval_steps=2", "train.batch_size=4",
+       "train.lr=0.01", "train.beta=50", "train.eval_every=1000"]
+
+
+def test_dpo_moves_the_model_towards_the_chosen_images(tmp_path):
+    train_dpo(load_config(DpoConfig, None, [*DPO, "train.steps=30", "train.save_every=1000"]), tmp_path / "run",
+              progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    first, last = rows[0], rows[-1]
+    assert first["margin"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the identity: model == reference
+    late = [r["margin"] for r in rows[-10:]]
+    assert sum(late) / len(late) > 0.05 and sum(r["loss"] for r in rows[-10:]) / 10 < math.log(2) - 0.01
+    assert (tmp_path / "run" / "final" / "pipeline" / "model_index.json").is_file()
+    assert last["implicit_accuracy"] >= 0.5
+
+
+@pytest.mark.parametrize("arch", ["shapes_flow", "sd15"])
+def test_dpo_resume_is_exact(tmp_path, arch):
+    overrides = [*DPO, f"model.tiny={arch}", "model.image_size=32", "train.steps=4", "train.save_every=2"]
+    train_dpo(load_config(DpoConfig, None, overrides), tmp_path / "full", progress=False)
+    train_dpo(load_config(DpoConfig, None, [*overrides, "train.steps=2"]), tmp_path / "cut", progress=False)
+    train_dpo(load_config(DpoConfig, None, overrides), tmp_path / "cut", resume=str(tmp_path / "cut"), progress=False)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-4" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step-4" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys):
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("kind: dpo\nmodel: {tiny: shapes_flow}\n")
+    out = tmp_path / "out"
+    empty = tmp_path / "pairs.jsonl"
+    empty.write_text("")
+    assert main(["train-dpo", str(recipe), f"data.train={empty}", "--out", str(out)]) == 2
+    assert "pairs.jsonl" in capsys.readouterr().err
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    ddpo = tmp_path / "ddpo.yaml"
+    ddpo.write_text(f"kind: ddpo\nmodel: {{pipeline: {flux}}}\nreward: {{heads: {{oracle: 1.0}}}}\n")
+    assert main(["train-ddpo", str(ddpo), "--out", str(out)]) == 2
+    assert "FluxPipeline" in capsys.readouterr().err
+    with pytest.raises(SpatialScoreError, match="top-k filtering is Flow-GRPO's"):
+        load_config(DdpoConfig, None, [*DDPO, "train.top_k=2"])
+    assert not out.exists()
