@@ -216,7 +216,7 @@ def cmd_train_generator(args) -> int:
 
     cfg = load_config(GeneratorConfig, args.recipe, args.overrides)
     out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
-    result = train_generator(cfg, out)
+    result = train_generator(cfg, out, resume=args.resume)
     by_tag = ", ".join(f"{tag} {acc:.2f}" for tag, acc in result["by_tag"].items())
     _emit(args, result, f"trained {result['step']} steps in {result['minutes']:.1f} min; held-out oracle accuracy "
                         f"{result['overall']:.3f} ({by_tag}); pipeline in {out}/final")
@@ -460,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a `kind: generator` recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=2000")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", help="a run directory (its newest checkpoint) or checkpoints/step-N")
     p.set_defaults(func=cmd_train_generator)
 
     p = _parser(verbs, "train-grpo", "Flow-GRPO: fine-tune a flow-matching generator (LoRA) against reward heads",

@@ -215,6 +215,7 @@ class GeneratorTrainConfig:
     cond_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     ema_decay: float = 0.999  # the saved weights are the EMA
     eval_every: int = 2000
+    save_every: int = 1000  # checkpoints/step-N: weights, EMA, optimizer (resume with --resume)
     sample_steps: int = 20
     guidance_scale: float = 1.0
     seed: int = 0

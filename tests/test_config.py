@@ -3,8 +3,9 @@
 
 import pytest
 
-from spatialscore.config import (KINDS, DdpoConfig, GeneratorConfig, GrpoConfig, PairsConfig, PromptsConfig, RewardConfig, find_recipe,
-                                 list_recipes, load_config, save_config, schema_for)
+from spatialscore.config import (KINDS, DdpoConfig, DpoConfig, GeneratorConfig, GrpoConfig, PairsConfig,
+                                 PromptsConfig, RewardConfig, find_recipe, list_recipes, load_config, save_config,
+                                 schema_for)
 from spatialscore.errors import SpatialScoreError
 
 
@@ -105,6 +106,13 @@ def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatc
         train = train_grpo if schema is GrpoConfig else train_ddpo
         result = train(load_config(schema, path, tiny), tmp_path / "run", progress=False)
         assert result["final"]["iteration"] == 1
+    elif schema is DpoConfig:
+        from spatialscore.train.diffusion_dpo import train_dpo
+
+        tiny = ["model.pipeline=null", "model.tiny=shapes_flow", "data.train=null", "data.n_train=8",
+                "prompts.eval_n=2", "sample.eval_steps=2", "train.steps=1", "train.batch_size=2", "train.eval_every=1"]
+        result = train_dpo(load_config(schema, path, tiny), tmp_path / "run", progress=False)
+        assert result["final"]["step"] == 1
     else:
         pytest.fail(f"no tiny run for recipe kind {cfg.kind!r}: add one here")
     assert schema in KINDS.values()

@@ -124,3 +124,24 @@ def test_bad_input_gives_clear_errors_and_leaves_nothing(tmp_path, capsys):
     with pytest.raises(SpatialScoreError, match="top-k filtering is Flow-GRPO's"):
         load_config(DdpoConfig, None, [*DDPO, "train.top_k=2"])
     assert not out.exists()
+
+
+GENERATOR = ["data.n_train=16", "data.eval_n=2", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+             "train.sample_steps=2", "model.image_size=32", "model.layers=1", "model.heads=2", "model.head_dim=16",
+             "model.text_dim=32", "model.text_layers=1"]
+
+
+def test_base_generator_training_resumes_exactly(tmp_path):
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.train.generator import train_generator
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "base_flow.yaml"
+    cfg = load_config(GeneratorConfig, recipe, [*GENERATOR, "train.steps=6"])
+    train_generator(cfg, tmp_path / "full", progress=False)
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    result = train_generator(cfg, tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoints" / "step-4"),
+                             progress=False)
+    assert result["step"] == 6
+    name = "final/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "resumed" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -169,13 +169,6 @@ def pipeline_class_name(path: str | Path) -> str:
         raise SpatialScoreError(f"{index}: unreadable model_index.json ({err})") from None
 
 
-def load_shapes_flow(path: str | Path) -> ShapesFlowPipeline:
-    name = pipeline_class_name(path)
-    if name != "ShapesFlowPipeline":
-        raise SpatialScoreError(f"{path}: a {name} directory, but a ShapesFlowPipeline is needed here")
-    return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
-
-
 class FlowPolicy:
     """What policy-gradient RL needs from a pipeline (here a flow-matching one; DDIMPolicy for UNets). `denoiser` is
     the module LoRA wraps and the trainer prepares (DDP / DeepSpeed); the trainer may swap in the wrapped module,

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from spatialscore.config import GeneratorConfig, save_config
+from spatialscore.errors import SpatialScoreError
 from spatialscore.io import atomic_write_text
 
 
@@ -75,10 +76,35 @@ def evaluate(pipe, cfg: GeneratorConfig, prompts: list[dict], out_png: Path | No
     return {k: v for k, v in report.items() if k != "passed"}
 
 
-def train_generator(cfg: GeneratorConfig, out: str | Path, progress: bool = True) -> dict:
+def _state_io(modules: torch.nn.Module, ema: torch.nn.Module):
+    """(writer, reader) of a checkpoint's weights: the trained modules and their EMA, fp32."""
+    from safetensors.torch import load_file, save
+
+    from spatialscore.io import atomic_write_bytes
+
+    def write(_model, directory: Path) -> None:
+        for name, module in (("model", modules), ("ema", ema)):
+            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            atomic_write_bytes(Path(directory) / f"{name}.safetensors", save(tensors))
+
+    def read(path: Path, _model) -> None:
+        for name, module in (("model", modules), ("ema", ema)):
+            file = Path(path) / f"{name}.safetensors"
+            if not file.is_file():
+                raise SpatialScoreError(f"--resume {path}: no {file.name} (not a train-generator checkpoint?)")
+            module.load_state_dict(load_file(str(file)))
+
+    return write, read
+
+
+def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = None, progress: bool = True) -> dict:
+    """Train from scratch, or continue exactly from `resume` (a run directory or one of its checkpoints/step-N):
+    weights, EMA, optimizer moments and the step; each step's batch and noise depend only on (seed, step)."""
     from spatialscore.data.tensors import captioned_images
+    from spatialscore.train.runtime import load_checkpoint, resolve_resume, save_checkpoint
 
     out = Path(out)
+    resume_from = resolve_resume(resume) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     t0 = time.time()
@@ -91,13 +117,20 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, progress: bool = True
     ema_pipe = type(pipe)(transformer=ema[0], scheduler=copy.deepcopy(pipe.scheduler), text_encoder=ema[1],
                           tokenizer=pipe.tokenizer, prediction=pipe.config.prediction)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    write_state, read_state = _state_io(modules, ema)
     held_out = eval_prompts(cfg)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
     log_path = out / "metrics.jsonl"
-    log_path.unlink(missing_ok=True)
-    history, losses = [], []
-    bar = tqdm(range(cfg.train.steps), desc="train-generator", unit="step", disable=not progress)
+    start, history, losses = 0, [], []
+    if resume_from:
+        state = load_checkpoint(resume_from, modules, optimizer, read_model=read_state)
+        start, history = state["step"], state["history"]
+        t0 -= state["minutes"] * 60
+    else:
+        log_path.unlink(missing_ok=True)
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train-generator",
+               unit="step", disable=not progress)
     for step in bar:
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         index = torch.randint(len(captions), (cfg.train.batch_size,), generator=generator)
         x0 = images[index].permute(0, 3, 1, 2).float().div(127.5).sub(1)
         drop = torch.rand(len(index), generator=generator) < cfg.train.cond_dropout
@@ -124,7 +157,6 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, progress: bool = True
         last = step + 1 == cfg.train.steps
         if (step + 1) % cfg.train.eval_every == 0 or last:
             report = evaluate(ema_pipe, cfg, held_out, out / "samples" / f"step-{step + 1:06d}.png")
-            save_pipeline(ema_pipe, out / "checkpoints" / f"step-{step + 1}")  # any of them can be the zoo's
             row = {"step": step + 1, "loss": sum(losses) / len(losses), "minutes": (time.time() - t0) / 60, **report}
             history.append(row)
             losses = []
@@ -132,6 +164,9 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, progress: bool = True
                 f.write(json.dumps(row) + "\n")
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f}, held-out oracle accuracy {report['overall']:.3f} "
                        f"{json.dumps({k: round(v, 3) for k, v in report['by_tag'].items()})}")
+        if (step + 1) % cfg.train.save_every == 0 and not last:
+            save_checkpoint(out, step + 1, modules, optimizer,
+                            {"history": history, "minutes": (time.time() - t0) / 60}, write_model=write_state)
     save_pipeline(ema_pipe, out / "final")
     result = {"out": str(out), "final": str(out / "final"), "minutes": (time.time() - t0) / 60, **history[-1]}
     atomic_write_text(out / "result.json", json.dumps(result, indent=2))

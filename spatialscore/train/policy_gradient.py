@@ -90,9 +90,17 @@ def _shapes_prompts(n: int, key: str, style: str, phrasing: str, weights: dict[s
 
 
 def _file_prompts(path: str, field: str) -> list[dict]:
+    """GenEval-style prompt-metadata JSONL (validated line by line), or a .txt file with one prompt per line
+    (prompts without metadata: heads that judge clauses, and the oracle, cannot score them)."""
     from spatialscore.data.formats import load_prompts
 
-    records = load_prompts(path)
+    path = project_path(path)
+    if Path(path).suffix == ".txt":
+        if not Path(path).is_file():
+            raise SpatialScoreError(f"{field}: {path}: no such file")
+        records = [{"prompt": line.strip()} for line in Path(path).read_text().splitlines() if line.strip()]
+    else:
+        records = load_prompts(path)
     if not records:
         raise SpatialScoreError(f"{field}: {path}: the prompt file holds no prompts")
     return records
@@ -204,12 +212,6 @@ def add_lora(denoiser, cfg: GrpoConfig):
         if p.requires_grad:
             p.data = p.data.float()
     return model
-
-
-def lora_state(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_lora_state(model, tensors: dict[str, torch.Tensor]) -> None:
