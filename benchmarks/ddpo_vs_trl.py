@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 TRL_PINS = ["torch==2.13.0", "trl==0.23.1", "diffusers==0.35.2", "transformers==4.57.1", "peft==0.17.1",
-            "accelerate==1.10.1", "numpy<2.4"]
+            "accelerate==1.10.1", "numpy<2.4", "protobuf"]
 
 TRL_SCRIPT = textwrap.dedent('''
     import json, statistics, sys, time
@@ -37,6 +37,9 @@ TRL_SCRIPT = textwrap.dedent('''
                         train_learning_rate=3e-4, train_clip_range=1e-4, train_adv_clip_max=5.0,
                         per_prompt_stat_tracking=False, mixed_precision="no", log_with=None, save_freq=10**6,
                         allow_tf32=False, train_use_8bit_adam=False, project_kwargs={"project_dir": out})
+    from accelerate import PartialState
+
+    PartialState()  # TRL's pipeline logs through accelerate's logger, which needs a state
     pipeline = DefaultDDPOStableDiffusionPipeline(path, use_lora=True)
     prompts = ["a red circle to the left of a blue star", "a green square above a yellow triangle"]
     counter = {"i": 0}
@@ -112,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     python = trl_python(Path(args.venv))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tiny-sd15"
-        tiny_pipeline("sd15").save_pretrained(str(path), safe_serialization=True)
+        pipe = tiny_pipeline("sd15")
+        pipe.save_pretrained(str(path), safe_serialization=True)
+        # transformers 4 (TRL's side) reads CLIP's slow-tokenizer files, which transformers 5 no longer writes
+        backend = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
+        (path / "tokenizer" / "vocab.json").write_text(json.dumps(backend["vocab"]))
+        merges = [" ".join(m) if isinstance(m, list) else m for m in backend["merges"]]
+        (path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         script = Path(tmp) / "trl_step.py"
         script.write_text(TRL_SCRIPT)
         done = subprocess.run([str(python), str(script), str(path), str(args.images), str(args.steps),

@@ -6,8 +6,9 @@
 
     .venv/bin/python benchmarks/grpo_cost.py [--pipeline data/generators/shapes-flow] [--repeats 3]
 
-Without --pipeline (or when it is absent) the shapes base is used if shipped, else the tiny shapes pipeline. Every
-timing is the median of --repeats runs after a warm-up; the report is JSON on stdout.
+Without --pipeline the shapes base is used if shipped, else a randomly initialised pipeline of the base recipe's
+architecture (recipes/shapes/base_flow.yaml: the same compute as the trained base). Every timing is the median of
+--repeats runs after a warm-up; the report is JSON on stdout.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from spatialscore.config import GrpoConfig, load_config
-from spatialscore.models.generators import flow_policy, load_flow_pipeline, tiny_pipeline
+from spatialscore.models.generators import flow_policy, load_flow_pipeline
 from spatialscore.train.flow_grpo import train_grpo
 from spatialscore.train.policy_gradient import sample_trajectories
 
@@ -40,8 +41,8 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def sampling(pipeline: str | None, batch: int, steps: int, repeats: int) -> dict:
-    pipe = load_flow_pipeline(pipeline, "--pipeline") if pipeline else tiny_pipeline("shapes_flow")
+def sampling(pipeline: str, batch: int, steps: int, repeats: int) -> dict:
+    pipe = load_flow_pipeline(pipeline, "--pipeline")
     pipe.set_progress_bar_config(disable=True)
     policy = flow_policy(pipe)
     prompts = (PROMPTS * batch)[:batch]
@@ -58,9 +59,8 @@ def sampling(pipeline: str | None, batch: int, steps: int, repeats: int) -> dict
             "ratio": t_ours / t_plain, "target": "<= 1.15"}
 
 
-def filtering(pipeline: str | None, repeats: int) -> dict:
-    model = [f"model.pipeline={pipeline}"] if pipeline else ["model.tiny=shapes_flow"]
-    common = [*model, "reward.heads={oracle: 1.0}", "prompts.eval_n=1", "sample.group_size=24",
+def filtering(pipeline: str, repeats: int) -> dict:
+    common = [f"model.pipeline={pipeline}", "reward.heads={oracle: 1.0}", "prompts.eval_n=1", "sample.group_size=24",
               "sample.prompts_per_iter=2", "sample.steps=6", "sample.eval_steps=1", "train.micro_batch=12",
               "train.timestep_fraction=0.5", "train.eval_every=1000", "train.save_every=1000"]
     seconds = {}
@@ -79,6 +79,16 @@ def filtering(pipeline: str | None, repeats: int) -> dict:
             "target": "<= 0.6"}
 
 
+def base_architecture(directory: Path) -> str:
+    """A random pipeline with the base recipe's architecture, saved as a directory both measurements load."""
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.train.generator import build_pipeline
+
+    cfg = load_config(GeneratorConfig, ROOT / "recipes" / "shapes" / "base_flow.yaml")
+    build_pipeline(cfg).save_pretrained(str(directory), safe_serialization=True)
+    return str(directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=str(BASE) if BASE.is_dir() else None)
@@ -86,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    report = {"pipeline": args.pipeline or "tiny shapes_flow", "torch_threads": torch.get_num_threads(),
-              "a_sampling": sampling(args.pipeline, args.batch, args.steps, args.repeats),
-              "b_top_k_training": filtering(args.pipeline, args.repeats)}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = args.pipeline or base_architecture(Path(tmp) / "base-architecture")
+        report = {"pipeline": args.pipeline or "recipes/shapes/base_flow.yaml architecture, random weights",
+                  "torch_threads": torch.get_num_threads(),
+                  "a_sampling": sampling(pipeline, args.batch, args.steps, args.repeats),
+                  "b_top_k_training": filtering(pipeline, args.repeats)}
     print(json.dumps(report, indent=2))
     return 0
 
