@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 TRL_PINS = ["torch==2.13.0", "trl==0.23.1", "diffusers==0.35.2", "transformers==4.57.1", "peft==0.17.1",
