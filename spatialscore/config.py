@@ -214,6 +214,7 @@ class GeneratorTrainConfig:
     max_grad_norm: float = 1.0
     cond_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     ema_decay: float = 0.999  # the saved weights are the EMA
+    loss_space: str = "v"  # v: velocity error (SD3, JiT); x: clean-image error, the same weight at every noise level
     eval_every: int = 2000
     save_every: int = 1000  # checkpoints/step-N: weights, EMA, optimizer (resume with --resume)
     sample_steps: int = 20
@@ -221,6 +222,7 @@ class GeneratorTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _one_of("train.loss_space", self.loss_space, ("v", "x"))
         if self.steps < 1 or self.batch_size < 1 or not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, 0 <= cond_dropout < 1, "
                                     "0 <= ema_decay < 1")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from spatialscore.config import GeneratorConfig, save_config
 from spatialscore.errors import SpatialScoreError
+from spatialscore.models.generators import MIN_SIGMA
 from spatialscore.io import atomic_write_text
 
 
@@ -141,7 +142,11 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         xt = (1 - s) * x0 + s * noise
         embeds, pooled = pipe.encode_prompt(prompts)
         velocity = pipe.predict(xt, sigma, embeds, pooled)  # an x-predicting transformer, read as a velocity
-        loss = torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+        if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
+            clamped = sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1)
+            loss = torch.nn.functional.mse_loss(xt - clamped * velocity.float(), x0)
+        else:  # the velocity error: weighs low-noise steps by 1 / sigma^2 under x-prediction
+            loss = torch.nn.functional.mse_loss(velocity.float(), noise - x0)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
         optimizer.zero_grad(set_to_none=True)
