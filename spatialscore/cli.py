@@ -235,13 +235,10 @@ def _train_rl(args, schema, train) -> int:
         PromptSource(cfg)
         build_reward(cfg)
         if cfg.model.pipeline:
-            from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, pipeline_class_name
+            from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, check_pipeline_kind
 
             kinds = {"grpo": FLOW_PIPELINES, "ddpo": UNET_PIPELINES}.get(cfg.kind, FLOW_PIPELINES + UNET_PIPELINES)
-            name = pipeline_class_name(project_path(cfg.model.pipeline))
-            if name not in kinds:
-                raise SpatialScoreError(f"model.pipeline: {cfg.model.pipeline} holds a {name}; train-{cfg.kind} "
-                                        f"trains {', '.join(kinds)}")
+            check_pipeline_kind(project_path(cfg.model.pipeline), "model.pipeline", kinds, f"train-{cfg.kind}")
     if relaunch:
         return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
     out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)

@@ -265,6 +265,13 @@ class PolicyModelConfig:
         if self.lora_r < 1:
             raise SpatialScoreError(f"model.lora_r must be >= 1, got {self.lora_r}")
 
+    def check_source(self) -> None:
+        """Exactly one of a pipeline directory and a tiny architecture (checked by the enclosing config, since the
+        defaults have neither)."""
+        if (self.pipeline is None) == (self.tiny is None):
+            raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
+                                    "and model.tiny (shapes_flow | sd3 | flux | sd15)")
+
 
 @dataclass
 class RLRewardConfig:
@@ -359,9 +366,7 @@ class GrpoConfig:
         if not self.reward.heads:
             raise SpatialScoreError("reward.heads: name at least one reward head with its weight, e.g. "
                                     "reward.heads={oracle: 1.0} (see `spatialscore heads ls`)")
-        if (self.model.pipeline is None) == (self.model.tiny is None):
-            raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
-                                    "and model.tiny (shapes_flow | sd3 | flux)")
+        self.model.check_source()
         if self.train.top_k and 2 * self.train.top_k > self.sample.group_size:
             raise SpatialScoreError(f"train.top_k={self.train.top_k}: keeping the k best and k worst needs "
                                     f"2k <= sample.group_size ({self.sample.group_size})")
@@ -436,9 +441,7 @@ class DpoConfig:
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))
-        if (self.model.pipeline is None) == (self.model.tiny is None):
-            raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
-                                    "and model.tiny (shapes_flow | sd3 | flux | sd15)")
+        self.model.check_source()
 
 
 KINDS: dict[str, type] = {"pairs": PairsConfig, "prompts": PromptsConfig, "reward": RewardConfig,

@@ -586,11 +586,18 @@ FLOW_PIPELINES = ("ShapesFlowPipeline", "StableDiffusion3Pipeline", "FluxPipelin
 UNET_PIPELINES = ("StableDiffusionPipeline",)
 
 
-def load_pipeline_dir(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str):
-    """A local pipeline directory (never downloaded) whose class is one of `kinds`, or an error naming the field."""
+def check_pipeline_kind(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str) -> str:
+    """The class a pipeline directory holds, if it is one of `kinds`; else an error naming the field (no weights
+    are read)."""
     name = pipeline_class_name(path)
     if name not in kinds:
         raise SpatialScoreError(f"{field}: {path} holds a {name}; {algorithm} trains {', '.join(kinds)}")
+    return name
+
+
+def load_pipeline_dir(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str):
+    """A local pipeline directory (never downloaded) whose class is one of `kinds`, or an error naming the field."""
+    name = check_pipeline_kind(path, field, kinds, algorithm)
     if name == "ShapesFlowPipeline":
         return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
     import diffusers
