@@ -171,7 +171,7 @@ def _check_tags(field: str, style: str, phrasing: str, tag_weights: dict[str, fl
 class GeneratorModelConfig:
     """A shapes-world base generator built from diffusers parts (models/generators.py)."""
 
-    arch: str = "shapes_flow"  # shapes_flow: SD3-style MMDiT on pixels + flow matching
+    arch: str = "shapes_flow"  # shapes_flow: SD3-style MMDiT + flow matching; shapes_unet: SD1.5-style UNet + DDPM
     image_size: int = 64
     patch_size: int = 8
     layers: int = 4
@@ -181,10 +181,17 @@ class GeneratorModelConfig:
     text_layers: int = 2
     shift: float = 1.0  # the flow-matching schedule's timestep shift (SD3: 3.0)
     prediction: str = "x"  # x: the transformer predicts the clean image (JiT); v: the velocity (SD3)
+    latent_factor: int = 0  # 0: denoise pixels; 4: denoise the latents of an autoencoder trained first (SD-style)
+    latent_channels: int = 8
+    ae_width: int = 32  # the autoencoder's first-block channels
+    unet_width: int = 64  # shapes_unet: the UNet's first-block channels (then 2x, 2x)
+    autoencoder: str | None = None  # reuse a trained autoencoder (an AutoencoderKL directory, e.g. a base's vae/)
     seed: int = 0
 
     def __post_init__(self):
-        _one_of("model.arch", self.arch, ("shapes_flow",))
+        _one_of("model.arch", self.arch, ("shapes_flow", "shapes_unet"))
+        if self.latent_factor < 0 or self.latent_channels < 1 or self.ae_width < 1:
+            raise SpatialScoreError("model: need latent_factor >= 0, latent_channels >= 1, ae_width >= 1")
         _one_of("model.prediction", self.prediction, ("x", "v"))
 
 
@@ -215,6 +222,10 @@ class GeneratorTrainConfig:
     cond_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     ema_decay: float = 0.999  # the saved weights are the EMA
     loss_space: str = "v"  # v: velocity error (SD3, JiT); x: clean-image error, the same weight at every noise level
+    ae_steps: int = 2000  # with model.latent_factor: autoencoder training steps, before the transformer's
+    ae_lr: float = 2e-3
+    ae_kl: float = 1e-6  # the KL weight of the autoencoder (SD's VAE uses ~1e-6)
+    ae_foreground: float = 10.0  # reconstruction weight of object pixels relative to background ones
     eval_every: int = 2000
     save_every: int = 1000  # checkpoints/step-N: weights, EMA, optimizer (resume with --resume)
     sample_steps: int = 20
@@ -248,7 +259,7 @@ class PolicyModelConfig:
     tiny random one of a named architecture (`tiny: sd3`), for tests."""
 
     pipeline: str | None = None
-    tiny: str | None = None  # shapes_flow | sd3 | flux | sd15: a tiny random pipeline built in code
+    tiny: str | None = None  # shapes_flow | shapes_latent | sd3 | flux | sd15: a tiny random pipeline built in code
     image_size: int = 0  # 0: the pipeline's default
     lora_r: int = 8
     lora_alpha: int = 16
@@ -260,7 +271,7 @@ class PolicyModelConfig:
 
     def __post_init__(self):
         if self.tiny is not None:
-            _one_of("model.tiny", self.tiny, ("shapes_flow", "sd3", "flux", "sd15"))
+            _one_of("model.tiny", self.tiny, ("shapes_flow", "shapes_latent", "sd3", "flux", "sd15"))
         _one_of("model.precision", self.precision, ("fp32", "bf16"))
         if self.lora_r < 1:
             raise SpatialScoreError(f"model.lora_r must be >= 1, got {self.lora_r}")
@@ -270,7 +281,7 @@ class PolicyModelConfig:
         defaults have neither)."""
         if (self.pipeline is None) == (self.tiny is None):
             raise SpatialScoreError("model: give exactly one of model.pipeline (a local diffusers pipeline directory) "
-                                    "and model.tiny (shapes_flow | sd3 | flux | sd15)")
+                                    "and model.tiny (shapes_flow | shapes_latent | sd3 | flux | sd15)")
 
 
 @dataclass

@@ -122,3 +122,14 @@ def test_errors_exit_2_without_traceback_from_a_real_process(tmp_path):
     exe = shutil.which("spatialscore", path=str(Path(sys.executable).parent))
     result = subprocess.run([exe, "data", "validate", str(tmp_path / "nope.jsonl")], capture_output=True, text=True)
     assert result.returncode == 2 and "nope.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    # the override after --out reaches the config (and its typo is named), not argparse's "unrecognized arguments"
+    code, _, err = run(capsys, "train-generator", "recipes/shapes/base_flow.yaml", "--out", str(tmp_path / "g"),
+                       "train.stepz=1")
+    assert code == 2 and "unknown key 'train.stepz'" in err and "did you mean 'steps'" in err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-generator", "recipes/shapes/base_flow.yaml", "--out", str(tmp_path / "g"), "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

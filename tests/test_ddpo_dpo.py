@@ -131,17 +131,32 @@ GENERATOR = ["data.n_train=16", "data.eval_n=2", "train.batch_size=4", "train.ev
              "model.text_dim=32", "model.text_layers=1"]
 
 
-def test_base_generator_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("space", ["pixels", "latents", "unet"])
+def test_base_generator_training_resumes_exactly(tmp_path, space):
     from spatialscore.config import GeneratorConfig
+    from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, latent_shape, load_pipeline_dir
     from spatialscore.train.generator import train_generator
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "base_flow.yaml"
-    cfg = load_config(GeneratorConfig, recipe, [*GENERATOR, "train.steps=6"])
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    recipe = root / ("base_unet.yaml" if space == "unet" else "base_flow.yaml")
+    space_overrides = {"latents": ["model.latent_factor=4", "model.patch_size=2", "model.ae_width=8", "train.ae_steps=3"],
+                       "pixels": ["model.latent_factor=0", "model.patch_size=8", "model.prediction=x"],
+                       "unet": ["model.ae_width=8", "model.unet_width=16", "train.ae_steps=3"]}[space]
+    cfg = load_config(GeneratorConfig, recipe, [*GENERATOR, "train.steps=6", *space_overrides])
     train_generator(cfg, tmp_path / "full", progress=False)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     result = train_generator(cfg, tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoints" / "step-4"),
                              progress=False)
     assert result["step"] == 6
-    name = "final/transformer/diffusion_pytorch_model.safetensors"
+    name = f"final/{'unet' if space == 'unet' else 'transformer'}/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "resumed" / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kinds = UNET_PIPELINES if space == "unet" else FLOW_PIPELINES
+    pipe = load_pipeline_dir(tmp_path / "resumed" / "final", "model.pipeline", kinds, "test")
+    assert (pipe.vae is not None) == (space != "pixels")
+    if space != "pixels":  # the autoencoder was trained once, by the first run, and its normalisation travels
+        assert pipe.vae.config.scaling_factor != 1.0 and (tmp_path / "resumed" / "autoencoder" / "stats.json").is_file()
+        assert latent_shape(pipe) == (8, 8, 8)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a red circle"], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)

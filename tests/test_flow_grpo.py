@@ -97,7 +97,8 @@ def test_recomputed_step_log_probs_match_the_sampler_and_the_ratio_is_one(guidan
     assert reference_gap > 1e-5  # 100x the tolerance above
 
 
-@pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("sd3", 2.0), ("flux", 3.5), ("sd15", 5.0)])
+@pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("shapes_latent", 2.0), ("sd3", 2.0), ("flux", 3.5),
+                                           ("sd15", 5.0)])
 def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):
     """The deterministic sampler through our policy adapter (prompt encoding, schedule, guidance, packing, VAE) equals
     the pipeline's own call from the same noise (Euler for flows, DDIM eta 0 for SD1.5), so the stochastic sampler
@@ -108,7 +109,7 @@ def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):
     prompts = ["a red circle", "two blue stars"]
     noise = policy.initial_noise(2, torch.Generator().manual_seed(1))
     ours = sample_ode(policy, policy.encode(prompts), 5, noise)
-    size = {} if arch == "shapes_flow" else {"height": policy.image_size, "width": policy.image_size}
+    size = {} if arch.startswith("shapes") else {"height": policy.image_size, "width": policy.image_size}
     theirs = pipe(prompts, num_inference_steps=5, guidance_scale=guidance, latents=noise.clone(), output_type="pt",
                   **size).images
     assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)

@@ -1,10 +1,13 @@
 """Text-to-image generators as ordinary diffusers pipelines, and the policy view RL trains through.
 
 `ShapesFlowPipeline` is the shapes world's small flow-matching generator: an SD3-style MMDiT
-(`SD3Transformer2DModel`) denoising RGB pixels in [-1, 1] directly (no VAE: shapes-world images are flat colours, and
-64 px is what the oracle judges reliably), a small CLIP text encoder with projection trained with it, a word-level
-tokenizer over the shapes-world vocabulary, and `FlowMatchEulerDiscreteScheduler`. It saves and loads with
-`save_pretrained` / `from_pretrained` (safetensors) like any diffusers pipeline.
+(`SD3Transformer2DModel`) denoising the latents of a small convolutional `AutoencoderKL` (or, without one, RGB pixels
+in [-1, 1]), a small CLIP text encoder with projection trained with it, a word-level tokenizer over the shapes-world
+vocabulary, and `FlowMatchEulerDiscreteScheduler`. `shapes_unet_pipeline` is the SD1.5-style one, a plain
+`StableDiffusionPipeline` (autoencoder, CLIP text encoder, cross-attention UNet, DDIM). Both save and load with
+`save_pretrained` / `from_pretrained` (safetensors) like any diffusers pipeline. 64 px is what the oracle judges
+reliably; a pixel-space transformer on it drew scattered fragments instead of objects within hours of CPU training,
+while the same transformer on 16x16 latents (64 tokens) learns whole objects.
 
 `FlowPolicy` is what Flow-GRPO needs from any flow-matching pipeline (the shapes one, SD3, FLUX): encode prompts,
 draw initial noise, predict the velocity (with classifier-free guidance), decode to images, and the module LoRA
@@ -44,28 +47,91 @@ def shapes_tokenizer():
                                    eos_token="<eos>", model_max_length=MAX_TOKENS)
 
 
-def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int = 4, heads: int = 6,
-                         head_dim: int = 32, text_dim: int = 64, text_layers: int = 2, shift: float = 1.0,
-                         prediction: str = "x", seed: int = 0) -> "ShapesFlowPipeline":
-    """A freshly initialised shapes-world flow pipeline (train it with `spatialscore train-generator`)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool):
+    """A small CLIP text encoder over the shapes tokenizer, trained with its generator; with a projection (pooled
+    embedding, SD3-style) or without (SD1.5-style)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if image_size % patch_size:
-        raise SpatialScoreError(f"model.image_size ({image_size}) must be a multiple of model.patch_size ({patch_size})")
-    torch.manual_seed(seed)
-    tokenizer = shapes_tokenizer()
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+    config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
         num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def shapes_autoencoder(image_size: int = 64, factor: int = 4, channels: int = 4, width: int = 32):
+    """A small convolutional `AutoencoderKL` (no attention) that maps image_size px RGB to a grid `factor` times
+    smaller with `channels` channels: SD's VAE design at shapes-world scale."""
+    from diffusers import AutoencoderKL
+
+    if factor < 2 or factor & (factor - 1) or image_size % factor:
+        raise SpatialScoreError(f"model.latent_factor must be a power of two >= 2 dividing model.image_size "
+                                f"({image_size}), got {factor}")
+    blocks = factor.bit_length()  # factor 4: three blocks, two of them downsampling
+    widths = tuple(width * min(2 ** i, 2) for i in range(blocks))
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=widths, layers_per_block=1,
+                         latent_channels=channels, norm_num_groups=min(16, width), sample_size=image_size,
+                         scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False)
+
+
+def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int = 4, heads: int = 6,
+                         head_dim: int = 32, text_dim: int = 64, text_layers: int = 2, shift: float = 1.0,
+                         prediction: str = "x", seed: int = 0, latent_factor: int = 0, latent_channels: int = 4,
+                         ae_width: int = 32) -> "ShapesFlowPipeline":
+    """A freshly initialised shapes-world flow pipeline (train it with `spatialscore train-generator`); with
+    `latent_factor` > 0 it denoises the latents of a (to be trained) autoencoder instead of pixels."""
+    torch.manual_seed(seed)
+    vae = shapes_autoencoder(image_size, latent_factor, latent_channels, ae_width) if latent_factor else None
+    grid, channels = (image_size // latent_factor, latent_channels) if vae is not None else (image_size, 3)
+    if grid % patch_size:
+        raise SpatialScoreError(f"model.patch_size ({patch_size}) must divide the {'latent' if vae else 'image'} "
+                                f"size ({grid})")
+    tokenizer = shapes_tokenizer()
+    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=True)
     transformer = SD3Transformer2DModel(
-        sample_size=image_size, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=layers,
+        sample_size=grid, patch_size=patch_size, in_channels=channels, out_channels=channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=text_dim,
-        pos_embed_max_size=image_size // patch_size)
+        pos_embed_max_size=grid // patch_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return ShapesFlowPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
-                              tokenizer=tokenizer, prediction=prediction)
+                              tokenizer=tokenizer, vae=vae, prediction=prediction)
+
+
+def shapes_unet_pipeline(image_size: int = 64, latent_factor: int = 4, latent_channels: int = 8, ae_width: int = 16,
+                         unet_width: int = 64, text_dim: int = 64, text_layers: int = 2, seed: int = 0):
+    """SD1.5's design at shapes-world scale, as a `StableDiffusionPipeline`: the autoencoder above, a CLIP text
+    encoder trained with it over the shapes tokenizer, a cross-attention `UNet2DConditionModel` predicting the noise
+    of its latents (DDPM training, cosine schedule) and `DDIMScheduler` for sampling (DDPO's eta = 1 or eta = 0)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    if not latent_factor:
+        raise SpatialScoreError("model.arch shapes_unet denoises autoencoder latents: set model.latent_factor (4)")
+    torch.manual_seed(seed)
+    vae = shapes_autoencoder(image_size, latent_factor, latent_channels, ae_width)
+    tokenizer = shapes_tokenizer()
+    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=False)
+    w = unet_width
+    unet = UNet2DConditionModel(
+        sample_size=image_size // latent_factor, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=1, block_out_channels=(w, 2 * w, 2 * w),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_dim,
+        attention_head_dim=8, norm_num_groups=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def latent_shape(pipe) -> tuple[int, int, int]:
+    """(channels, height, width) of what a shapes-world pipeline's denoiser sees."""
+    if isinstance(pipe, ShapesFlowPipeline):
+        return pipe.latent_shape
+    side = int(pipe.unet.config.sample_size)
+    return int(pipe.unet.config.in_channels), side, side
 
 
 MIN_SIGMA = 0.05  # x-prediction: the velocity divides by sigma, clamped here (as JiT does)
@@ -80,19 +146,44 @@ class ShapesFlowPipeline(DiffusionPipeline):
     velocity) at that width fails where predicting the clean image, which lies on a low-dimensional manifold, works
     (Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025). `prediction="v"` is SD3's."""
 
-    model_cpu_offload_seq = "text_encoder->transformer"
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, transformer, scheduler, text_encoder, tokenizer, prediction: str = "x"):
+    def __init__(self, transformer, scheduler, text_encoder, tokenizer, vae=None, prediction: str = "x"):
         super().__init__()
         if prediction not in ("x", "v"):
             raise SpatialScoreError(f"prediction must be 'x' or 'v', got {prediction!r}")
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, vae=vae)
         self.register_to_config(prediction=prediction)
 
     @property
     def image_size(self) -> int:
-        return int(self.transformer.config.sample_size)
+        return int(self.vae.config.sample_size if self.vae is not None else self.transformer.config.sample_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the transformer denoises: pixels, or the autoencoder's latents."""
+        side = int(self.transformer.config.sample_size)
+        return int(self.transformer.config.in_channels), side, side
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> what the transformer denoises (the latent mean, normalised by the
+        autoencoder's shift and scaling factors, as SD3 does)."""
+        x = images.float() * 2 - 1
+        if self.vae is None:
+            return x
+        vae = self.vae
+        latents = vae.encode(x.to(vae.dtype)).latent_dist.mode().float()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the transformer denoises -> images [B, 3, H, W] in [0, 1]."""
+        if self.vae is not None:
+            vae = self.vae
+            latents = (latents.float() / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)
+            latents = vae.decode(latents).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token states [B, L, D], pooled [B, D]); gradients flow when the text encoder trains."""
@@ -118,10 +209,6 @@ class ShapesFlowPipeline(DiffusionPipeline):
         s = sigma.clamp(min=MIN_SIGMA).view(-1, *([1] * (latents.ndim - 1))) if sigma.ndim else sigma.clamp(min=MIN_SIGMA)
         return (latents.float() - out.float()) / s
 
-    @staticmethod
-    def to_images(latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float() + 1) / 2).clamp(0, 1)
-
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -131,10 +218,10 @@ class ShapesFlowPipeline(DiffusionPipeline):
         if guidance_scale > 1:
             neg, neg_pooled = self.encode_prompt([""] * len(prompts))
             embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
-        size = self.image_size
         device, dtype = self.transformer.device, self.transformer.dtype
         if latents is None:
-            latents = torch.randn((len(prompts), 3, size, size), generator=generator, device="cpu").to(device, dtype)
+            latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device="cpu")
+        latents = latents.to(device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if guidance_scale > 1 else latents
@@ -252,8 +339,7 @@ class ShapesFlowPolicy(FlowPolicy):
         return cond
 
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        size = self.pipe.image_size
-        return torch.randn((n, 3, size, size), generator=generator)
+        return torch.randn((n, *self.pipe.latent_shape), generator=generator)
 
     def predict(self, latents, sigma, cond, denoiser=None):
         model = denoiser or self.denoiser
@@ -263,11 +349,13 @@ class ShapesFlowPolicy(FlowPolicy):
 
         return self._guided(forward, latents, cond)
 
+    @torch.no_grad()
     def decode(self, latents):
         return self.pipe.to_images(latents)
 
+    @torch.no_grad()
     def encode_images(self, images):
-        return images.float() * 2 - 1
+        return self.pipe.encode_images(_resized(images, self.image_size))
 
 
 @torch.no_grad()
@@ -543,6 +631,9 @@ def _tiny_pipeline(arch: str):
     if arch == "shapes_flow":
         return shapes_flow_pipeline(image_size=32, patch_size=8, layers=1, heads=2, head_dim=16, text_dim=32,
                                     text_layers=1)
+    if arch == "shapes_latent":
+        return shapes_flow_pipeline(image_size=32, patch_size=2, layers=1, heads=2, head_dim=16, text_dim=32,
+                                    text_layers=1, latent_factor=4, ae_width=8)
     if arch == "sd3":
         tokenizer = tiny_clip_tokenizer()
         transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
@@ -579,7 +670,7 @@ def _tiny_pipeline(arch: str):
         return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, False), tokenizer=tokenizer,
                                        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    raise SpatialScoreError(f"model.tiny: no tiny {arch!r} pipeline (shapes_flow, sd3, flux, sd15)")
+    raise SpatialScoreError(f"model.tiny: no tiny {arch!r} pipeline (shapes_flow, shapes_latent, sd3, flux, sd15)")
 
 
 FLOW_PIPELINES = ("ShapesFlowPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
@@ -595,15 +686,17 @@ def check_pipeline_kind(path: str | Path, field: str, kinds: tuple[str, ...], al
     return name
 
 
-def load_pipeline_dir(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str):
-    """A local pipeline directory (never downloaded) whose class is one of `kinds`, or an error naming the field."""
+def load_pipeline_dir(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str,
+                      dtype: torch.dtype = torch.float32):
+    """A local pipeline directory (never downloaded) whose class is one of `kinds`, in `dtype` (the zoo stores fp16),
+    or an error naming the field."""
     name = check_pipeline_kind(path, field, kinds, algorithm)
     if name == "ShapesFlowPipeline":
-        return ShapesFlowPipeline.from_pretrained(str(path), dtype=torch.float32)
+        return ShapesFlowPipeline.from_pretrained(str(path), dtype=dtype)
     import diffusers
 
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
-    return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
 
 
 def load_flow_pipeline(path: str | Path, field: str):

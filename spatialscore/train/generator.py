@@ -1,7 +1,7 @@
 """Train a shapes-world base generator from scratch (`spatialscore train-generator`): flow matching on faithful
 renders of shapes-world captions, with the text encoder trained alongside.
 
-x_sigma = (1 - sigma) * image + sigma * noise with sigma ~ logit-normal (SD3's sampling), the transformer regresses
+x_sigma = (1 - sigma) * image + sigma * noise with sigma ~ logit-normal, shifted by `model.shift` (SD3's sampling), the transformer regresses
 the velocity noise - image; captions are dropped to "" with probability `cond_dropout` so classifier-free guidance
 works. The saved weights are an exponential moving average. Every `eval_every` steps the EMA pipeline samples the
 held-out prompt set (`data.eval_seed`), the oracle judges it, and a grid of samples is written: the training log
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,17 +24,124 @@ from tqdm import tqdm
 
 from spatialscore.config import GeneratorConfig, save_config
 from spatialscore.errors import SpatialScoreError
-from spatialscore.models.generators import MIN_SIGMA
+from spatialscore.models.generators import MIN_SIGMA, ShapesFlowPipeline, latent_shape
 from spatialscore.io import atomic_write_text
 
 
 def build_pipeline(cfg: GeneratorConfig):
-    from spatialscore.models.generators import shapes_flow_pipeline
+    from spatialscore.models.generators import shapes_flow_pipeline, shapes_unet_pipeline
 
     m = cfg.model
+    if m.arch == "shapes_unet":
+        return shapes_unet_pipeline(image_size=m.image_size, latent_factor=m.latent_factor,
+                                    latent_channels=m.latent_channels, ae_width=m.ae_width, unet_width=m.unet_width,
+                                    text_dim=m.text_dim, text_layers=m.text_layers, seed=m.seed)
     return shapes_flow_pipeline(image_size=m.image_size, patch_size=m.patch_size, layers=m.layers, heads=m.heads,
                                 head_dim=m.head_dim, text_dim=m.text_dim, text_layers=m.text_layers, shift=m.shift,
-                                prediction=m.prediction, seed=m.seed)
+                                prediction=m.prediction, seed=m.seed, latent_factor=m.latent_factor,
+                                latent_channels=m.latent_channels, ae_width=m.ae_width)
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(255)
+
+
+def train_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig, progress: bool = True,
+                      centre: bool = True) -> dict:
+    """Stage 1 of a latent generator: fit the autoencoder to the training renders (L1 + L2 reconstruction weighted
+    towards the objects, a small KL), then set its shift and scaling factors so the latents have mean 0 and std 1 (SD3's normalisation). Each
+    batch depends only on (seed, step)."""
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.ae_lr, weight_decay=0.0)
+    bar = tqdm(range(cfg.train.ae_steps), desc="autoencoder", unit="step", disable=not progress)
+    losses = []
+    for step in bar:
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 777_777 + step)
+        x = _pixels(images[torch.randint(len(images), (cfg.train.batch_size,), generator=generator)]) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        weight = _foreground_weight(x, cfg.train.ae_foreground)
+        error = recon - x
+        loss = ((weight * (error.abs() + error.square())).mean() / weight.mean()
+                + cfg.train.ae_kl * posterior.kl().mean())
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.ae_lr * min(1.0, (step + 1) / 100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        sample = _pixels(images[:512]) * 2 - 1
+        latents = torch.cat([vae.encode(sample[i:i + 128]).latent_dist.mode() for i in range(0, len(sample), 128)])
+    _normalise(vae, latents, centre)
+    return {"ae_loss": sum(losses[-100:]) / len(losses[-100:])}
+
+
+def _foreground_weight(x: torch.Tensor, foreground: float) -> torch.Tensor:
+    """[B, 1, H, W]: `foreground` where a pixel differs from the image's background (the median colour of its
+    border), 1 elsewhere. Objects cover a few percent of a shapes-world image; unweighted, the reconstruction loss
+    is mostly background and the autoencoder learns objects (their colours above all) many times slower."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return 1 + (foreground - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+
+
+@torch.no_grad()
+def encode_dataset(pipe, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Every training image as what the denoiser sees (pixels in [-1, 1], or normalised latents)."""
+    if isinstance(pipe, ShapesFlowPipeline):
+        encode = pipe.encode_images
+    else:  # StableDiffusionPipeline: latents scaled, not shifted
+        def encode(pixels):
+            vae = pipe.vae
+            return vae.encode(pixels * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+    return torch.cat([encode(_pixels(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def _denoiser(pipe) -> torch.nn.Module:
+    return pipe.transformer if isinstance(pipe, ShapesFlowPipeline) else pipe.unet
+
+
+def _ema_pipeline(pipe, ema: torch.nn.ModuleList):
+    """The same pipeline with the EMA denoiser and text encoder (sharing the frozen autoencoder and tokenizer)."""
+    components = {**pipe.components, "text_encoder": ema[1], "scheduler": copy.deepcopy(pipe.scheduler)}
+    if isinstance(pipe, ShapesFlowPipeline):
+        return type(pipe)(**components | {"transformer": ema[0]}, prediction=pipe.config.prediction)
+    return type(pipe)(**components | {"unet": ema[0]}, requires_safety_checker=False)
+
+
+def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator, cfg: GeneratorConfig):
+    """Flow matching: x_sigma = (1 - sigma) x0 + sigma noise, sigma logit-normal and shifted; the velocity error (or
+    the clean-image error, `train.loss_space: x`)."""
+    sigma = shifted(torch.sigmoid(torch.randn(len(x0), generator=generator)), cfg.model.shift)
+    noise = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    embeds, pooled = pipe.encode_prompt(prompts)
+    velocity = pipe.predict(xt, sigma, embeds, pooled)
+    if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
+        clamped = sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1)
+        return torch.nn.functional.mse_loss(xt - clamped * velocity.float(), x0)
+    # the velocity error: under x-prediction it weighs low-noise steps by 1 / sigma^2
+    return torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+
+
+def _ddpm_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator):
+    """DDPM (SD1.5): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise at a uniform integer t; the noise error. Prompts are
+    encoded as the pipeline's encode_prompt does (padded to the tokenizer's length, no attention mask)."""
+    steps = pipe.scheduler.config.num_train_timesteps
+    t = torch.randint(steps, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = pipe.scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    embeds = pipe.text_encoder(ids)[0]
+    return torch.nn.functional.mse_loss(pipe.unet(xt, t, encoder_hidden_states=embeds).sample.float(), noise)
 
 
 def eval_prompts(cfg: GeneratorConfig) -> list[dict]:
@@ -51,13 +159,18 @@ def sample_images(pipe, prompts: list[str], steps: int, guidance_scale: float, s
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        size = pipe.image_size
-        latents = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed * 100003 + start + i))
+        latents = torch.stack([torch.randn(latent_shape(pipe), generator=torch.Generator().manual_seed(seed * 100003 + start + i))
                                for i in range(len(chunk))])
         pipe.set_progress_bar_config(disable=True)
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
                         output_type="pt").images)
     return torch.cat(out)
+
+
+def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift, the same map the sampler's scheduler applies: shift > 1 moves training (and sampling)
+    toward high noise, where a small object's position is decided."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def _lr(step: int, cfg: GeneratorConfig) -> float:
@@ -113,10 +226,13 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
                                        cfg.model.image_size, cfg.data.tag_weights, progress=progress)
     captions = [r["prompt"] for r in records]
     pipe = build_pipeline(cfg)
-    modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder])
+    stats = {}
+    if pipe.vae is not None:
+        stats = _autoencoder_stage(pipe.vae, images, cfg, out, resume_from, progress)
+    data = encode_dataset(pipe, images)
+    modules = torch.nn.ModuleList([_denoiser(pipe), pipe.text_encoder])
     ema = copy.deepcopy(modules).requires_grad_(False)
-    ema_pipe = type(pipe)(transformer=ema[0], scheduler=copy.deepcopy(pipe.scheduler), text_encoder=ema[1],
-                          tokenizer=pipe.tokenizer, prediction=pipe.config.prediction)
+    ema_pipe = _ema_pipeline(pipe, ema)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     write_state, read_state = _state_io(modules, ema)
     held_out = eval_prompts(cfg)
@@ -133,20 +249,13 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     for step in bar:
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         index = torch.randint(len(captions), (cfg.train.batch_size,), generator=generator)
-        x0 = images[index].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x0 = data[index]
         drop = torch.rand(len(index), generator=generator) < cfg.train.cond_dropout
         prompts = ["" if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
-        sigma = torch.sigmoid(torch.randn(len(index), generator=generator))
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        embeds, pooled = pipe.encode_prompt(prompts)
-        velocity = pipe.predict(xt, sigma, embeds, pooled)  # an x-predicting transformer, read as a velocity
-        if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
-            clamped = sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1)
-            loss = torch.nn.functional.mse_loss(xt - clamped * velocity.float(), x0)
-        else:  # the velocity error: weighs low-noise steps by 1 / sigma^2 under x-prediction
-            loss = torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+        if isinstance(pipe, ShapesFlowPipeline):
+            loss = _flow_loss(pipe, x0, prompts, generator, cfg)
+        else:
+            loss = _ddpm_loss(pipe, x0, prompts, generator)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +271,8 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         last = step + 1 == cfg.train.steps
         if (step + 1) % cfg.train.eval_every == 0 or last:
             report = evaluate(ema_pipe, cfg, held_out, out / "samples" / f"step-{step + 1:06d}.png")
-            row = {"step": step + 1, "loss": sum(losses) / len(losses), "minutes": (time.time() - t0) / 60, **report}
+            row = {"step": step + 1, "loss": sum(losses) / len(losses), "minutes": (time.time() - t0) / 60, **stats,
+                   **report}
             history.append(row)
             losses = []
             with log_path.open("a") as f:
@@ -178,11 +288,82 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     return result
 
 
+def _autoencoder_stage(vae, images: torch.Tensor, cfg: GeneratorConfig, out: Path, resume_from, progress: bool) -> dict:
+    """Train the autoencoder, or (resuming) load the one this run already trained: `out/autoencoder/`, written
+    atomically when the stage ends, with its held-out reconstruction accuracy as the oracle judges it."""
+    from safetensors.torch import load_file, save
+
+    from spatialscore.eval.generation import oracle_accuracy
+    from spatialscore.io import atomic_write_bytes
+
+    directory = out / "autoencoder"
+    if cfg.model.autoencoder:
+        return _reuse_autoencoder(vae, images, cfg)
+    trained = Path(resume_from).parents[1] / "autoencoder" if resume_from else None  # <run>/checkpoints/step-N
+    if trained is not None and (trained / "stats.json").is_file():
+        stats = json.loads((trained / "stats.json").read_text())
+        vae.load_state_dict(load_file(str(trained / "model.safetensors")))
+        vae.register_to_config(shift_factor=stats["shift_factor"], scaling_factor=stats["scaling_factor"])
+        vae.eval().requires_grad_(False)
+        if trained.resolve() != directory.resolve():
+            shutil.copytree(trained, directory, dirs_exist_ok=True)
+        return stats["metrics"]
+    from spatialscore.data.tensors import captioned_images
+
+    metrics = train_autoencoder(vae, images, cfg, progress, centre=cfg.model.arch == "shapes_flow")
+    held_out, records = captioned_images(cfg.data.eval_n, cfg.data.eval_seed, cfg.data.style, cfg.data.phrasing,
+                                         cfg.model.image_size, cfg.data.tag_weights, progress=False)
+    with torch.no_grad():
+        pixels = _pixels(held_out)
+        recon = torch.cat([_decode_encode(vae, pixels[i:i + 128]) for i in range(0, len(pixels), 128)])
+    metrics["ae_oracle"] = oracle_accuracy(recon, records)["overall"]
+    metrics["faithful_oracle"] = oracle_accuracy(pixels, records)["overall"]
+    tqdm.write(f"autoencoder: loss {metrics['ae_loss']:.4f}, held-out oracle accuracy of reconstructions "
+               f"{metrics['ae_oracle']:.3f} (of the renders themselves {metrics['faithful_oracle']:.3f})")
+    atomic_write_bytes(directory / "model.safetensors", save({k: v.contiguous() for k, v in vae.state_dict().items()}))
+    atomic_write_text(directory / "stats.json", json.dumps({"shift_factor": vae.config.shift_factor,
+                                                            "scaling_factor": vae.config.scaling_factor,
+                                                            "metrics": metrics}))
+    return metrics
+
+
+def _reuse_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig) -> dict:
+    """model.autoencoder: the weights of an already trained autoencoder of the same shape (normalised anew for this
+    pipeline)."""
+    from diffusers import AutoencoderKL
+
+    from spatialscore.config import project_path
+
+    path = project_path(cfg.model.autoencoder)
+    if not (Path(path) / "config.json").is_file():
+        raise SpatialScoreError(f"model.autoencoder: {path} is not an AutoencoderKL directory (no config.json)")
+    trained = AutoencoderKL.from_pretrained(str(path), dtype=torch.float32)
+    try:
+        vae.load_state_dict(trained.state_dict())
+    except RuntimeError as err:
+        raise SpatialScoreError(f"model.autoencoder: {path} does not match model.latent_factor / latent_channels / "
+                                f"ae_width ({str(err).splitlines()[0]})") from None
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(_pixels(images[:512]) * 2 - 1).latent_dist.mode()
+    _normalise(vae, latents, centre=cfg.model.arch == "shapes_flow")
+    return {"autoencoder": str(cfg.model.autoencoder)}
+
+
+def _normalise(vae, latents: torch.Tensor, centre: bool) -> None:
+    if centre:  # SD3: (latents - shift) * scale
+        vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
+    else:  # SD1.5's pipelines only scale
+        vae.register_to_config(shift_factor=0.0, scaling_factor=1 / latents.square().mean().sqrt().item())
+
+
+def _decode_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    return ((vae.decode(vae.encode(pixels * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
+
+
 def save_pipeline(pipe, directory: Path, dtype: torch.dtype = torch.float16) -> Path:
     """save_pretrained into a temporary directory renamed into place (a crash leaves the old directory or the new
     one); weights stored in `dtype` (fp16 halves a zoo model, it loads back as fp32 with torch_dtype)."""
-    import shutil
-
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -184,7 +184,8 @@ def load_pipeline(cfg: GrpoConfig, kinds: tuple[str, ...], algorithm: str):
             raise SpatialScoreError(f"model.tiny: {cfg.model.tiny} is a {type(pipe).__name__}; {algorithm} trains "
                                     f"{', '.join(kinds)}")
     else:
-        pipe = load_pipeline_dir(project_path(cfg.model.pipeline), "model.pipeline", kinds, algorithm)
+        dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+        pipe = load_pipeline_dir(project_path(cfg.model.pipeline), "model.pipeline", kinds, algorithm, dtype)
     if cfg.model.precision == "bf16":
         pipe.to(dtype=torch.bfloat16)
     for name in ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
