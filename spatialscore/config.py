@@ -206,9 +206,12 @@ class PromptSetConfig:
     tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     eval_n: int = 200
     eval_seed: int = 5000
+    object_scale: float = 1.0  # train-generator: object sizes of the training scenes, relative to the world's
 
     def __post_init__(self):
         _check_tags("data", self.style, self.phrasing, self.tag_weights)
+        if not 0.5 <= self.object_scale <= 2.5:
+            raise SpatialScoreError(f"data.object_scale must be in [0.5, 2.5], got {self.object_scale}")
 
 
 @dataclass

@@ -135,7 +135,7 @@ GENERATOR = ["data.n_train=16", "data.eval_n=2", "train.batch_size=4", "train.ev
 def test_base_generator_training_resumes_exactly(tmp_path, space):
     from spatialscore.config import GeneratorConfig
     from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, latent_shape, load_pipeline_dir
-    from spatialscore.train.generator import train_generator
+    from spatialscore.train.generator import prompt_gain, train_generator
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
     recipe = root / ("base_unet.yaml" if space == "unet" else "base_flow.yaml")
@@ -160,3 +160,31 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["a red circle"], num_inference_steps=2, output_type="pt").images
     assert images.shape == (1, 3, 32, 32)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["prompt_gain"]) for r in rows)
+    x0 = torch.randn(3, *latent_shape(pipe))
+    assert prompt_gain(pipe, x0, ["a red circle"] * 3) == 0.0  # rolling identical prompts changes nothing
+    assert prompt_gain(pipe, x0, ["a red circle", "two blue stars", "a green square"]) != 0.0
+
+
+def test_a_base_can_reuse_another_bases_autoencoder(tmp_path):
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.errors import SpatialScoreError
+    from spatialscore.train.generator import train_generator
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    small = [*GENERATOR, "train.steps=2", "model.ae_width=8", "train.ae_steps=2"]
+    flow = load_config(GeneratorConfig, root / "base_flow.yaml", [*small, "model.patch_size=2"])
+    train_generator(flow, tmp_path / "flow", progress=False)
+    vae = tmp_path / "flow" / "final" / "vae"
+    unet = load_config(GeneratorConfig, root / "base_unet.yaml", [*small, "model.unet_width=16",
+                                                                  f"model.autoencoder={vae}"])
+    train_generator(unet, tmp_path / "unet", progress=False)
+    a = load_file(str(vae / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "unet" / "final" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # reused, not retrained
+    assert not (tmp_path / "unet" / "autoencoder").exists()
+    bad = load_config(GeneratorConfig, root / "base_unet.yaml", [*small, f"model.autoencoder={tmp_path}"])
+    with pytest.raises(SpatialScoreError, match="model.autoencoder: .* not an AutoencoderKL directory"):
+        train_generator(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -118,3 +118,18 @@ def test_ocr_leaves_the_environment_alone(monkeypatch):
             "text": ["MOON"]}
     assert judge(render(sample_scene(meta, random.Random(0))), meta).passed
     assert "OMP_THREAD_LIMIT" not in os.environ
+
+
+def test_object_scale_grows_objects_and_keeps_the_scene_faithful():
+    import random
+
+    from spatialscore.data.oracle import judge
+    from spatialscore.data.prompts import PromptWriter
+    from spatialscore.data.render import render
+    from spatialscore.data.scene import sample_scene
+
+    meta = PromptWriter(random.Random(3)).sample("short", {"position": 1})
+    small = sample_scene(meta, random.Random(7))
+    big = sample_scene(meta, random.Random(7), scale=1.5)
+    assert [round(o.size * 1.5, 6) for o in small.objects] == [round(o.size, 6) for o in big.objects]
+    assert judge(render(big, 64), meta).passed

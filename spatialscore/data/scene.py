@@ -182,23 +182,24 @@ def place_free(item: Obj | Sign, others: list, rng: random.Random, tries: int = 
     return False
 
 
-def new_object(shape: str, color: str | None, rng: random.Random, small: bool = False) -> Obj:
+def new_object(shape: str, color: str | None, rng: random.Random, small: bool = False, scale: float = 1.0) -> Obj:
     color = color or rng.choice([*CHROMATIC, "black"])
-    size = rng.uniform(0.12, 0.16) if small else rng.uniform(0.12, 0.2)
+    size = scale * (rng.uniform(0.12, 0.16) if small else rng.uniform(0.12, 0.2))
     rotation = rng.uniform(-15, 15) if shape != "circle" else 0.0
     return Obj(shape, color, 0.5, 0.5, size, rotation, sample_shade(color, rng))
 
 
-def sample_scene(meta: dict, rng: random.Random, tries: int = 200) -> Scene:
-    """A scene faithful to a prompt's metadata: every include entry drawn `count` times, relations with a margin."""
+def sample_scene(meta: dict, rng: random.Random, tries: int = 200, scale: float = 1.0) -> Scene:
+    """A scene faithful to a prompt's metadata: every include entry drawn `count` times, relations with a margin;
+    `scale` multiplies the objects' sizes (a generator's training scenes may use bigger objects)."""
     for _ in range(tries):
-        scene = _try_scene(meta, rng)
+        scene = _try_scene(meta, rng, scale)
         if scene is not None:
             return scene
     raise SpatialScoreError(f"could not place the objects of prompt {meta.get('prompt')!r} after {tries} tries")
 
 
-def _try_scene(meta: dict, rng: random.Random) -> Scene | None:
+def _try_scene(meta: dict, rng: random.Random, scale: float = 1.0) -> Scene | None:
     scene = Scene(background=sample_background(rng))
     texts = list(meta.get("text", []))
     groups: list[list[Obj | Sign]] = []
@@ -210,7 +211,7 @@ def _try_scene(meta: dict, rng: random.Random) -> Scene | None:
                 text = texts.pop(0) if texts else "SIGN"
                 item: Obj | Sign = Sign(text, 0.5, 0.5, *sign_size(text))
             else:
-                item = new_object(entry["class"], entry.get("color"), rng, small=many)
+                item = new_object(entry["class"], entry.get("color"), rng, small=many, scale=scale)
             item.group = index
             placed = scene.items()
             position = entry.get("position")

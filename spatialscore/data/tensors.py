@@ -100,7 +100,7 @@ def _captioned(job) -> tuple[dict[str, np.ndarray], dict]:
     while True:
         meta = writer.sample(spec["style"], dict(spec["tag_weights"]))
         try:
-            scene = sample_scene(meta, rng, tries=50)
+            scene = sample_scene(meta, rng, tries=50, scale=spec.get("object_scale", 1.0))
         except SpatialScoreError:  # too crowded to place with clear margins: take the next prompt
             continue
         return {"images": np.asarray(render(scene, spec["image_size"]))}, meta
@@ -108,11 +108,13 @@ def _captioned(job) -> tuple[dict[str, np.ndarray], dict]:
 
 def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: int,
                      tag_weights: dict[str, float] | None = None, workers: int | None = None,
-                     progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+                     progress: bool = True, object_scale: float = 1.0) -> tuple[torch.Tensor, list[dict]]:
     """n faithful shapes-world images (uint8 [N, H, W, 3], cached) and their prompt metadata: a generator's
-    training set."""
+    training set (`object_scale` multiplies the objects' sizes)."""
     spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
             "tag_weights": sorted((tag_weights or {}).items())}
+    if object_scale != 1.0:
+        spec["object_scale"] = object_scale
     key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "captions", "version": 1}, sort_keys=True).encode())
     meta, arrays = _cached(cache_dir() / f"captions-{key.hexdigest()[:16]}", _captioned,
                            [(i, spec) for i in range(n)], "shapes images", "image", workers, progress,

@@ -1,11 +1,14 @@
-"""Train a shapes-world base generator from scratch (`spatialscore train-generator`): flow matching on faithful
-renders of shapes-world captions, with the text encoder trained alongside.
+"""Train a shapes-world base generator from scratch (`spatialscore train-generator`) on faithful renders of
+shapes-world captions, with its text encoder trained alongside.
 
-x_sigma = (1 - sigma) * image + sigma * noise with sigma ~ logit-normal, shifted by `model.shift` (SD3's sampling), the transformer regresses
-the velocity noise - image; captions are dropped to "" with probability `cond_dropout` so classifier-free guidance
-works. The saved weights are an exponential moving average. Every `eval_every` steps the EMA pipeline samples the
-held-out prompt set (`data.eval_seed`), the oracle judges it, and a grid of samples is written: the training log
-doubles as the model card's evidence. The result is an ordinary diffusers pipeline directory, `final/`.
+A latent base (`model.latent_factor`) first trains its autoencoder (`train_autoencoder`). The denoiser then learns
+either flow matching (`shapes_flow`: x_sigma = (1 - sigma) x0 + sigma noise, sigma logit-normal and shifted by
+`model.shift` as SD3 does, regressing the velocity noise - x0) or DDPM (`shapes_unet`: the noise at a uniform
+timestep, SD1.5's objective). Captions are dropped to "" with probability `cond_dropout` so classifier-free guidance
+works, and the saved weights are an exponential moving average. Every `eval_every` steps the EMA pipeline samples the
+held-out prompt set (`data.eval_seed`), the oracle judges it, `prompt_gain` measures how much the denoiser uses its
+text, and a grid of samples is written: the training log doubles as the model card's evidence. The result is an
+ordinary diffusers pipeline directory, `final/`.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
 def train_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig, progress: bool = True,
                       centre: bool = True) -> dict:
     """Stage 1 of a latent generator: fit the autoencoder to the training renders (L1 + L2 reconstruction weighted
-    towards the objects, a small KL), then set its shift and scaling factors so the latents have mean 0 and std 1 (SD3's normalisation). Each
-    batch depends only on (seed, step)."""
+    towards the objects, a small KL), then normalise its latents (`_normalise`). Each batch depends only on
+    (seed, step)."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.ae_lr, weight_decay=0.0)
     bar = tqdm(range(cfg.train.ae_steps), desc="autoencoder", unit="step", disable=not progress)
@@ -159,8 +162,9 @@ def sample_images(pipe, prompts: list[str], steps: int, guidance_scale: float, s
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        latents = torch.stack([torch.randn(latent_shape(pipe), generator=torch.Generator().manual_seed(seed * 100003 + start + i))
-                               for i in range(len(chunk))])
+        seeds = [seed * 100003 + start + i for i in range(len(chunk))]
+        latents = torch.stack([torch.randn(latent_shape(pipe), generator=torch.Generator().manual_seed(s))
+                               for s in seeds])
         pipe.set_progress_bar_config(disable=True)
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
                         output_type="pt").images)
@@ -188,6 +192,30 @@ def evaluate(pipe, cfg: GeneratorConfig, prompts: list[dict], out_png: Path | No
     if out_png is not None:
         save_grid(images[:32], out_png, columns=8)
     return {k: v for k, v in report.items() if k != "passed"}
+
+
+@torch.no_grad()
+def prompt_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: float = 0.8, seed: int = 0) -> float:
+    """How much the denoiser uses its prompt: 1 - (error with the right prompts) / (error with the prompts rolled by
+    one), at one fixed noise level on fixed images and noise. ~0 means it ignores the text (it draws the average
+    scene: the wrong colours, too many objects); it should grow as training learns the conditioning."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    wrong = prompts[1:] + prompts[:1]
+    errors = []
+    for texts in (prompts, wrong):
+        if isinstance(pipe, ShapesFlowPipeline):
+            sigma = torch.full((len(x0),), noise_level)
+            xt = (1 - noise_level) * x0 + noise_level * noise
+            embeds, pooled = pipe.encode_prompt(texts)
+            errors.append((pipe.predict(xt, sigma, embeds, pooled).float() - (noise - x0)).square().mean())
+        else:
+            t = torch.full((len(x0),), int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1)))
+            a = pipe.scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+            ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            out = pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=pipe.text_encoder(ids)[0])
+            errors.append((out.sample.float() - noise).square().mean())
+    return float(1 - errors[0] / errors[1])
 
 
 def _state_io(modules: torch.nn.Module, ema: torch.nn.Module):
@@ -219,11 +247,14 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
 
     out = Path(out)
     resume_from = resolve_resume(resume) if resume else None
+    if cfg.model.autoencoder:
+        _autoencoder_dir(cfg)  # a bad path fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     t0 = time.time()
     images, records = captioned_images(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
-                                       cfg.model.image_size, cfg.data.tag_weights, progress=progress)
+                                       cfg.model.image_size, cfg.data.tag_weights, progress=progress,
+                                       object_scale=cfg.data.object_scale)
     captions = [r["prompt"] for r in records]
     pipe = build_pipeline(cfg)
     stats = {}
@@ -271,13 +302,15 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         last = step + 1 == cfg.train.steps
         if (step + 1) % cfg.train.eval_every == 0 or last:
             report = evaluate(ema_pipe, cfg, held_out, out / "samples" / f"step-{step + 1:06d}.png")
+            report["prompt_gain"] = prompt_gain(ema_pipe, data[:64], captions[:64])
             row = {"step": step + 1, "loss": sum(losses) / len(losses), "minutes": (time.time() - t0) / 60, **stats,
                    **report}
             history.append(row)
             losses = []
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            tqdm.write(f"step {step + 1}: loss {row['loss']:.4f}, held-out oracle accuracy {report['overall']:.3f} "
+            tqdm.write(f"step {step + 1}: loss {row['loss']:.4f}, prompt gain {report['prompt_gain']:.3f}, "
+                       f"held-out oracle accuracy {report['overall']:.3f} "
                        f"{json.dumps({k: round(v, 3) for k, v in report['by_tag'].items()})}")
         if (step + 1) % cfg.train.save_every == 0 and not last:
             save_checkpoint(out, step + 1, modules, optimizer,
@@ -312,7 +345,8 @@ def _autoencoder_stage(vae, images: torch.Tensor, cfg: GeneratorConfig, out: Pat
 
     metrics = train_autoencoder(vae, images, cfg, progress, centre=cfg.model.arch == "shapes_flow")
     held_out, records = captioned_images(cfg.data.eval_n, cfg.data.eval_seed, cfg.data.style, cfg.data.phrasing,
-                                         cfg.model.image_size, cfg.data.tag_weights, progress=False)
+                                         cfg.model.image_size, cfg.data.tag_weights, progress=False,
+                                         object_scale=cfg.data.object_scale)
     with torch.no_grad():
         pixels = _pixels(held_out)
         recon = torch.cat([_decode_encode(vae, pixels[i:i + 128]) for i in range(0, len(pixels), 128)])
@@ -332,11 +366,7 @@ def _reuse_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig) -> dict:
     pipeline)."""
     from diffusers import AutoencoderKL
 
-    from spatialscore.config import project_path
-
-    path = project_path(cfg.model.autoencoder)
-    if not (Path(path) / "config.json").is_file():
-        raise SpatialScoreError(f"model.autoencoder: {path} is not an AutoencoderKL directory (no config.json)")
+    path = _autoencoder_dir(cfg)
     trained = AutoencoderKL.from_pretrained(str(path), dtype=torch.float32)
     try:
         vae.load_state_dict(trained.state_dict())
@@ -348,6 +378,15 @@ def _reuse_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig) -> dict:
         latents = vae.encode(_pixels(images[:512]) * 2 - 1).latent_dist.mode()
     _normalise(vae, latents, centre=cfg.model.arch == "shapes_flow")
     return {"autoencoder": str(cfg.model.autoencoder)}
+
+
+def _autoencoder_dir(cfg: GeneratorConfig) -> Path:
+    from spatialscore.config import project_path
+
+    path = Path(project_path(cfg.model.autoencoder))
+    if not (path / "config.json").is_file():
+        raise SpatialScoreError(f"model.autoencoder: {path} is not an AutoencoderKL directory (no config.json)")
+    return path
 
 
 def _normalise(vae, latents: torch.Tensor, centre: bool) -> None:
