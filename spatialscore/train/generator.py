@@ -95,13 +95,11 @@ def _foreground_weight(x: torch.Tensor, foreground: float) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_dataset(pipe, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Every training image as what the denoiser sees (pixels in [-1, 1], or normalised latents)."""
-    if isinstance(pipe, ShapesFlowPipeline):
-        encode = pipe.encode_images
-    else:  # StableDiffusionPipeline: latents scaled, not shifted
-        def encode(pixels):
-            vae = pipe.vae
-            return vae.encode(pixels * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+    """Every training image as what the denoiser sees (pixels in [-1, 1], or normalised latents), encoded as the
+    policy view encodes images for RL."""
+    from spatialscore.models.generators import policy_for
+
+    encode = policy_for(pipe, 1.0).encode_images
     return torch.cat([encode(_pixels(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
@@ -117,34 +115,41 @@ def _ema_pipeline(pipe, ema: torch.nn.ModuleList):
     return type(pipe)(**components | {"unet": ema[0]}, requires_safety_checker=False)
 
 
+def _denoising(pipe, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor,
+               prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model output, regression target) for clean x0 noised to `level` [B]. Flow matching (ShapesFlowPipeline):
+    level is sigma, x = (1 - sigma) x0 + sigma noise, target the velocity noise - x0. DDPM (StableDiffusionPipeline):
+    level is an integer timestep, x = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target the noise. Gradients reach the text
+    encoder through the pipeline's own prompt encoding."""
+    if isinstance(pipe, ShapesFlowPipeline):
+        s = level.view(-1, 1, 1, 1)
+        embeds, pooled = pipe.encode_prompt(prompts)
+        return pipe.predict((1 - s) * x0 + s * noise, level, embeds, pooled).float(), noise - x0
+    a = pipe.scheduler.alphas_cumprod.float()[level].view(-1, 1, 1, 1)
+    embeds = pipe.encode_prompt(prompts, x0.device, 1, False)[0]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return pipe.unet(xt, level, encoder_hidden_states=embeds).sample.float(), noise
+
+
 def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator, cfg: GeneratorConfig):
-    """Flow matching: x_sigma = (1 - sigma) x0 + sigma noise, sigma logit-normal and shifted; the velocity error (or
-    the clean-image error, `train.loss_space: x`)."""
+    """Flow matching at a logit-normal, shifted sigma: the velocity error (or the clean-image error,
+    `train.loss_space: x`)."""
     sigma = shifted(torch.sigmoid(torch.randn(len(x0), generator=generator)), cfg.model.shift)
     noise = torch.randn(x0.shape, generator=generator)
-    s = sigma.view(-1, 1, 1, 1)
-    xt = (1 - s) * x0 + s * noise
-    embeds, pooled = pipe.encode_prompt(prompts)
-    velocity = pipe.predict(xt, sigma, embeds, pooled)
+    velocity, target = _denoising(pipe, x0, noise, sigma, prompts)
     if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
-        clamped = sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1)
-        return torch.nn.functional.mse_loss(xt - clamped * velocity.float(), x0)
+        s = sigma.view(-1, 1, 1, 1)
+        clean = (1 - s) * x0 + s * noise - sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1) * velocity
+        return torch.nn.functional.mse_loss(clean, x0)
     # the velocity error: under x-prediction it weighs low-noise steps by 1 / sigma^2
-    return torch.nn.functional.mse_loss(velocity.float(), noise - x0)
+    return torch.nn.functional.mse_loss(velocity, target)
 
 
 def _ddpm_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator):
-    """DDPM (SD1.5): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise at a uniform integer t; the noise error. Prompts are
-    encoded as the pipeline's encode_prompt does (padded to the tokenizer's length, no attention mask)."""
-    steps = pipe.scheduler.config.num_train_timesteps
-    t = torch.randint(steps, (len(x0),), generator=generator)
+    """DDPM (SD1.5) at a uniform integer timestep: the noise error."""
+    t = torch.randint(pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    a = pipe.scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    embeds = pipe.text_encoder(ids)[0]
-    return torch.nn.functional.mse_loss(pipe.unet(xt, t, encoder_hidden_states=embeds).sample.float(), noise)
+    return torch.nn.functional.mse_loss(*_denoising(pipe, x0, noise, t, prompts))
 
 
 def eval_prompts(cfg: GeneratorConfig) -> list[dict]:
@@ -200,22 +205,13 @@ def prompt_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: float =
     one), at one fixed noise level on fixed images and noise. ~0 means it ignores the text (it draws the average
     scene: the wrong colours, too many objects); it should grow as training learns the conditioning."""
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    wrong = prompts[1:] + prompts[:1]
-    errors = []
-    for texts in (prompts, wrong):
-        if isinstance(pipe, ShapesFlowPipeline):
-            sigma = torch.full((len(x0),), noise_level)
-            xt = (1 - noise_level) * x0 + noise_level * noise
-            embeds, pooled = pipe.encode_prompt(texts)
-            errors.append((pipe.predict(xt, sigma, embeds, pooled).float() - (noise - x0)).square().mean())
-        else:
-            t = torch.full((len(x0),), int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1)))
-            a = pipe.scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
-            ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            out = pipe.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=pipe.text_encoder(ids)[0])
-            errors.append((out.sample.float() - noise).square().mean())
-    return float(1 - errors[0] / errors[1])
+    if isinstance(pipe, ShapesFlowPipeline):
+        level = torch.full((len(x0),), noise_level)
+    else:
+        level = torch.full((len(x0),), int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1)))
+    right, wrong = (torch.nn.functional.mse_loss(*_denoising(pipe, x0, noise, level, texts))
+                    for texts in (prompts, prompts[1:] + prompts[:1]))
+    return float(1 - right / wrong)
 
 
 def _state_io(modules: torch.nn.Module, ema: torch.nn.Module):
