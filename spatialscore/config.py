@@ -186,6 +186,7 @@ class GeneratorModelConfig:
     ae_width: int = 32  # the autoencoder's first-block channels
     unet_width: int = 64  # shapes_unet: the UNet's first-block channels (then 2x, 2x)
     autoencoder: str | None = None  # reuse a trained autoencoder (an AutoencoderKL directory, e.g. a base's vae/)
+    init: str | None = None  # warm start: every weight (denoiser, text encoder, autoencoder) from a saved base pipeline
     seed: int = 0
 
     def __post_init__(self):
@@ -193,6 +194,8 @@ class GeneratorModelConfig:
         if self.latent_factor < 0 or self.latent_channels < 1 or self.ae_width < 1:
             raise SpatialScoreError("model: need latent_factor >= 0, latent_channels >= 1, ae_width >= 1")
         _one_of("model.prediction", self.prediction, ("x", "v"))
+        if self.init and self.autoencoder:
+            raise SpatialScoreError("model.init already brings its pipeline's autoencoder: drop model.autoencoder")
 
 
 @dataclass

@@ -188,3 +188,39 @@ def test_a_base_can_reuse_another_bases_autoencoder(tmp_path):
     with pytest.raises(SpatialScoreError, match="model.autoencoder: .* not an AutoencoderKL directory"):
         train_generator(bad, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_base_can_warm_start_from_a_saved_base(tmp_path):
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.errors import SpatialScoreError
+    from spatialscore.models.generators import FLOW_PIPELINES, load_pipeline_dir
+    from spatialscore.train.generator import _warm_start, build_pipeline, train_generator
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    small = [*GENERATOR, "train.steps=2", "model.ae_width=8", "train.ae_steps=2", "model.patch_size=2"]
+    train_generator(load_config(GeneratorConfig, root / "base_flow.yaml", small), tmp_path / "first", progress=False)
+    saved = tmp_path / "first" / "final"
+    cfg = load_config(GeneratorConfig, root / "base_flow.yaml", [*small, f"model.init={saved}"])
+    init = load_pipeline_dir(saved, "model.init", FLOW_PIPELINES, "test")
+    pipe = build_pipeline(cfg)
+    _warm_start(pipe, init, cfg)
+    for name in ("transformer", "text_encoder", "vae"):
+        a, b = getattr(pipe, name).state_dict(), getattr(init, name).state_dict()
+        assert all(torch.equal(a[k], b[k].float()) for k in a), name
+    assert pipe.vae.config.scaling_factor == init.vae.config.scaling_factor != 1.0
+    result = train_generator(cfg, tmp_path / "second", progress=False)
+    assert result["init"] == str(saved) and not (tmp_path / "second" / "autoencoder").exists()  # no stage 1
+    vae = "final/vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(saved / vae.split("/", 1)[1])), load_file(str(tmp_path / "second" / vae))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wider = load_config(GeneratorConfig, root / "base_flow.yaml", [*small, "model.layers=2", f"model.init={saved}"])
+    with pytest.raises(SpatialScoreError, match="model.init: .* transformer does not match"):
+        train_generator(wider, tmp_path / "wider", progress=False)
+    assert not (tmp_path / "wider").exists()
+    with pytest.raises(SpatialScoreError, match="model.init"):
+        train_generator(load_config(GeneratorConfig, root / "base_flow.yaml", [*small, f"model.init={tmp_path}"]),
+                        tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SpatialScoreError, match="drop model.autoencoder"):
+        load_config(GeneratorConfig, root / "base_flow.yaml", [*small, f"model.init={saved}",
+                                                               f"model.autoencoder={saved / 'vae'}"])

@@ -679,7 +679,10 @@ UNET_PIPELINES = ("StableDiffusionPipeline",)
 def check_pipeline_kind(path: str | Path, field: str, kinds: tuple[str, ...], algorithm: str) -> str:
     """The class a pipeline directory holds, if it is one of `kinds`; else an error naming the field (no weights
     are read)."""
-    name = pipeline_class_name(path)
+    try:
+        name = pipeline_class_name(path)
+    except SpatialScoreError as err:
+        raise SpatialScoreError(f"{field}: {err}") from None
     if name not in kinds:
         raise SpatialScoreError(f"{field}: {path} holds a {name}; {algorithm} trains {', '.join(kinds)}")
     return name

@@ -245,6 +245,8 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     resume_from = resolve_resume(resume) if resume else None
     if cfg.model.autoencoder:
         _autoencoder_dir(cfg)  # a bad path fails before anything is written
+    pipe = build_pipeline(cfg)
+    stats = _warm_start(pipe, _init_pipeline(cfg), cfg) if cfg.model.init else {}  # a bad init fails here, too
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     t0 = time.time()
@@ -252,9 +254,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
                                        cfg.model.image_size, cfg.data.tag_weights, progress=progress,
                                        object_scale=cfg.data.object_scale)
     captions = [r["prompt"] for r in records]
-    pipe = build_pipeline(cfg)
-    stats = {}
-    if pipe.vae is not None:
+    if pipe.vae is not None and not cfg.model.init:
         stats = _autoencoder_stage(pipe.vae, images, cfg, out, resume_from, progress)
     data = encode_dataset(pipe, images)
     modules = torch.nn.ModuleList([_denoiser(pipe), pipe.text_encoder])
@@ -374,6 +374,39 @@ def _reuse_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig) -> dict:
         latents = vae.encode(_pixels(images[:512]) * 2 - 1).latent_dist.mode()
     _normalise(vae, latents, centre=cfg.model.arch == "shapes_flow")
     return {"autoencoder": str(cfg.model.autoencoder)}
+
+
+def _init_pipeline(cfg: GeneratorConfig):
+    """model.init: the saved base pipeline a run starts from, of this recipe's kind (checked before anything is
+    written)."""
+    from spatialscore.config import project_path
+    from spatialscore.models.generators import load_pipeline_dir
+
+    kind = "StableDiffusionPipeline" if cfg.model.arch == "shapes_unet" else "ShapesFlowPipeline"
+    return load_pipeline_dir(project_path(cfg.model.init), "model.init", (kind,), f"model.arch {cfg.model.arch}")
+
+
+def _warm_start(pipe, init, cfg: GeneratorConfig) -> dict:
+    """Copy every weight of `init` (a saved base: its EMA) into the freshly built pipeline, and its autoencoder's
+    normalisation: training continues from that base instead of from scratch (the optimizer starts afresh, so this
+    is a warm start, not a resume). The recipe's model section must describe the same architecture."""
+    for name in ("vae", "text_encoder", "transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet"):
+        target, source = getattr(pipe, name), getattr(init, name, None)
+        if (target is None) != (source is None):
+            raise SpatialScoreError(f"model.init: {cfg.model.init} {'has no' if source is None else 'has a'} {name}, "
+                                    f"the recipe's model {'does' if source is None else 'does not'}")
+        if target is None:
+            continue
+        try:
+            target.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        except RuntimeError as err:
+            raise SpatialScoreError(f"model.init: {cfg.model.init}'s {name} does not match the recipe's model section "
+                                    f"({str(err).splitlines()[0]})") from None
+    if pipe.vae is not None:
+        pipe.vae.register_to_config(shift_factor=init.vae.config.shift_factor,
+                                    scaling_factor=init.vae.config.scaling_factor)
+        pipe.vae.eval().requires_grad_(False)
+    return {"init": str(cfg.model.init)}
 
 
 def _autoencoder_dir(cfg: GeneratorConfig) -> Path:
