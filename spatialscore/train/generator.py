@@ -390,8 +390,9 @@ def _warm_start(pipe, init, cfg: GeneratorConfig) -> dict:
     """Copy every weight of `init` (a saved base: its EMA) into the freshly built pipeline, and its autoencoder's
     normalisation: training continues from that base instead of from scratch (the optimizer starts afresh, so this
     is a warm start, not a resume). The recipe's model section must describe the same architecture."""
-    for name in ("vae", "text_encoder", "transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet"):
-        target, source = getattr(pipe, name), getattr(init, name, None)
+    pairs = {"vae": (pipe.vae, init.vae), "text_encoder": (pipe.text_encoder, init.text_encoder),
+             "transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet": (_denoiser(pipe), _denoiser(init))}
+    for name, (target, source) in pairs.items():
         if (target is None) != (source is None):
             raise SpatialScoreError(f"model.init: {cfg.model.init} {'has no' if source is None else 'has a'} {name}, "
                                     f"the recipe's model {'does' if source is None else 'does not'}")
