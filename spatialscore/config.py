@@ -185,6 +185,7 @@ class GeneratorModelConfig:
     latent_channels: int = 8
     ae_width: int = 32  # the autoencoder's first-block channels
     unet_width: int = 64  # shapes_unet: the UNet's first-block channels (then 2x, 2x)
+    unet_top_attention: bool = True  # shapes_unet: attention at the full latent resolution too (2x the step time)
     autoencoder: str | None = None  # reuse a trained autoencoder (an AutoencoderKL directory, e.g. a base's vae/)
     init: str | None = None  # warm start: every weight (denoiser, text encoder, autoencoder) from a saved base pipeline
     seed: int = 0
@@ -232,6 +233,14 @@ class GeneratorTrainConfig:
     ae_lr: float = 2e-3
     ae_kl: float = 1e-6  # the KL weight of the autoencoder (SD's VAE uses ~1e-6)
     ae_foreground: float = 10.0  # reconstruction weight of object pixels relative to background ones
+    # shapes_flow: weight of the scene-layout loss, a training-only head on one transformer block's tokens that
+    # predicts each token's shape and colour classes (REPA-style representation guidance; 0 = off)
+    layout_weight: float = 0.0
+    layout_layer: int = -1  # the block whose output the layout head reads (-1: the middle one)
+    # steps of training the text encoder alone on the captions first (what each prompt asks for, from its tokens;
+    # 0 = none): the text then tells shapes apart before the denoiser starts to read it
+    text_pretrain_steps: int = 0
+    text_lr_scale: float = 1.0  # the text encoder's learning rate relative to train.lr (0: it stays fixed)
     eval_every: int = 2000
     save_every: int = 1000  # checkpoints/step-N: weights, EMA, optimizer (resume with --resume)
     sample_steps: int = 20
@@ -243,6 +252,10 @@ class GeneratorTrainConfig:
         if self.steps < 1 or self.batch_size < 1 or not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, 0 <= cond_dropout < 1, "
                                     "0 <= ema_decay < 1")
+        if self.layout_weight < 0:
+            raise SpatialScoreError(f"train.layout_weight must be >= 0, got {self.layout_weight}")
+        if self.text_pretrain_steps < 0 or self.text_lr_scale < 0:
+            raise SpatialScoreError("train: need text_pretrain_steps >= 0 and text_lr_scale >= 0")
 
 
 @dataclass
@@ -257,6 +270,9 @@ class GeneratorConfig:
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))
+        if self.train.layout_weight and self.model.arch != "shapes_flow":
+            raise SpatialScoreError(f"train.layout_weight: the layout head reads transformer blocks (model.arch "
+                                    f"shapes_flow), not model.arch {self.model.arch}")
 
 
 @dataclass

@@ -131,7 +131,7 @@ GENERATOR = ["data.n_train=16", "data.eval_n=2", "train.batch_size=4", "train.ev
              "model.text_dim=32", "model.text_layers=1"]
 
 
-@pytest.mark.parametrize("space", ["pixels", "latents", "unet"])
+@pytest.mark.parametrize("space", ["pixels", "latents", "unet", "layout", "text"])
 def test_base_generator_training_resumes_exactly(tmp_path, space):
     from spatialscore.config import GeneratorConfig
     from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, latent_shape, load_pipeline_dir
@@ -139,7 +139,9 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
     recipe = root / ("base_unet.yaml" if space == "unet" else "base_flow.yaml")
-    space_overrides = {"latents": ["model.latent_factor=4", "model.patch_size=2", "model.ae_width=8", "train.ae_steps=3"],
+    latents = ["model.latent_factor=4", "model.patch_size=2", "model.ae_width=8", "train.ae_steps=3"]
+    space_overrides = {"latents": latents, "layout": [*latents, "train.layout_weight=0.5"],
+                       "text": [*latents, "train.text_pretrain_steps=3", "train.text_lr_scale=0"],
                        "pixels": ["model.latent_factor=0", "model.patch_size=8", "model.prediction=x"],
                        "unet": ["model.ae_width=8", "model.unet_width=16", "train.ae_steps=3"]}[space]
     cfg = load_config(GeneratorConfig, recipe, [*GENERATOR, "train.steps=6", *space_overrides])
@@ -162,6 +164,11 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     assert images.shape == (1, 3, 32, 32)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["prompt_gain"]) for r in rows)
+    if space == "layout":  # the training-only layout head is logged, and never reaches the saved pipeline
+        assert all(math.isfinite(r["layout_loss"]) and r["layout_loss"] > 0 for r in rows)
+        assert not any(k.startswith("net.") for k in a)
+    else:
+        assert not any("layout_loss" in r for r in rows)
     x0 = torch.randn(3, *latent_shape(pipe))
     assert prompt_gain(pipe, x0, ["a red circle"] * 3) == 0.0  # rolling identical prompts changes nothing
     assert prompt_gain(pipe, x0, ["a red circle", "two blue stars", "a green square"]) != 0.0
@@ -224,3 +231,55 @@ def test_a_base_can_warm_start_from_a_saved_base(tmp_path):
     with pytest.raises(SpatialScoreError, match="drop model.autoencoder"):
         load_config(GeneratorConfig, root / "base_flow.yaml", [*small, f"model.init={saved}",
                                                                f"model.autoencoder={saved / 'vae'}"])
+
+
+def test_the_layout_loss_is_an_option_of_transformer_bases_only():
+    from spatialscore.config import GeneratorConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    with pytest.raises(SpatialScoreError, match="train.layout_weight.*shapes_unet"):
+        load_config(GeneratorConfig, root / "base_unet.yaml", ["train.layout_weight=0.5"])
+    with pytest.raises(SpatialScoreError, match="train.layout_weight must be >= 0"):
+        load_config(GeneratorConfig, root / "base_flow.yaml", ["train.layout_weight=-1"])
+    assert load_config(GeneratorConfig, root / "base_flow.yaml", ["train.layout_weight=0.5"]).train.layout_weight == 0.5
+
+
+def test_caption_targets_name_entities_relations_and_counts():
+    from spatialscore.data.vocab import COLORS, MAX_COUNT, RELATIONS, SHAPES
+    from spatialscore.train.generator import caption_targets
+
+    record = {"prompt": "a red circle left of two squares", "include": [
+        {"class": "square", "count": 2}, {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}]}
+    row = caption_targets([record])[0]
+    classes, colours = len(SHAPES) + 1, len(COLORS) + 1
+    entity, relation = classes * colours, len(RELATIONS) * classes ** 2
+    assert row.shape == (entity + relation + classes * (MAX_COUNT + 1),) and row.sum() == 5
+    square, circle = SHAPES.index("square"), SHAPES.index("circle")
+    assert row[square * colours + len(COLORS)] == 1  # a square of no named colour
+    assert row[circle * colours + list(COLORS).index("red")] == 1
+    assert row[entity + (RELATIONS.index("left of") * classes + circle) * classes + square] == 1
+    assert row[entity + relation + square * (MAX_COUNT + 1) + 2] == 1
+    assert row[entity + relation + circle * (MAX_COUNT + 1) + 1] == 1
+
+
+def test_text_pretraining_tells_the_shapes_apart():
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.train.generator import build_pipeline, pretrain_text_encoder
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    cfg = load_config(GeneratorConfig, root / "base_flow.yaml",
+                      ["model.text_dim=32", "model.text_layers=1", "train.text_pretrain_steps=400"])
+    pipe = build_pipeline(cfg)
+    shapes = ["circle", "square", "triangle", "star"]
+    records = [{"prompt": f"a {c} {s}", "include": [{"class": s, "count": 1, "color": c}]}
+               for s in shapes for c in ("red", "blue")]
+
+    def pooled_similarity():
+        with torch.no_grad():
+            pooled = torch.nn.functional.normalize(pipe.encode_prompt([f"a red {s}" for s in shapes])[1], dim=-1)
+        return (pooled @ pooled.T)[~torch.eye(4, dtype=torch.bool)].max().item()
+
+    before = pooled_similarity()
+    stats = pretrain_text_encoder(pipe, records, cfg, progress=False)
+    assert stats["text_exact"] == 1.0  # every caption's content is read back from its pooled embedding
+    assert pooled_similarity() < min(before, 0.95)

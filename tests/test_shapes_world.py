@@ -12,7 +12,7 @@ from spatialscore.data.oracle import detect, judge
 from spatialscore.data.pairs import PairSpec, make_pair, make_pairs
 from spatialscore.data.perturb import PERTURBATIONS, applicable, make_rejected
 from spatialscore.data.prompts import TAGS, longest_chain, make_prompts
-from spatialscore.data.render import render
+from spatialscore.data.render import render, render_labels
 from spatialscore.data.scene import Obj, Scene, sample_scene, sample_shade, scene_detections
 from spatialscore.data.vocab import COLORS, PERTURBATION_KINDS, RELATIONS, SHAPES
 
@@ -125,7 +125,7 @@ def test_object_scale_grows_objects_and_keeps_the_scene_faithful():
 
     from spatialscore.data.oracle import judge
     from spatialscore.data.prompts import PromptWriter
-    from spatialscore.data.render import render
+    from spatialscore.data.render import render, render_labels
     from spatialscore.data.scene import sample_scene
 
     meta = PromptWriter(random.Random(3)).sample("short", {"position": 1})
@@ -133,3 +133,38 @@ def test_object_scale_grows_objects_and_keeps_the_scene_faithful():
     big = sample_scene(meta, random.Random(7), scale=1.5)
     assert [round(o.size * 1.5, 6) for o in small.objects] == [round(o.size, 6) for o in big.objects]
     assert judge(render(big, 64), meta).passed
+
+
+def test_class_maps_cover_exactly_the_drawn_objects():
+    import torch
+
+    from spatialscore.train.generator import layout_targets
+
+    scene = Scene([Obj("star", "red", 0.3, 0.3, 0.25, 0.0, (230, 20, 20)), Obj("circle", "blue", 0.7, 0.7, 0.2, 0.0, (20, 20, 230))])
+    labels = render_labels(scene, 64)
+    assert labels.shape == (2, 64, 64) and labels.dtype == np.uint8
+    image = np.asarray(render(scene, 64)).astype(int)
+    drawn = np.abs(image - np.array(scene.background)).sum(-1) > 60
+    assert (drawn == (labels[0] > 0)).mean() > 0.98  # only anti-aliased rims may differ
+    assert labels[0, 19, 19] == 1 + SHAPES.index("star") and labels[1, 19, 19] == 1 + list(COLORS).index("red")
+    assert labels[0, 45, 45] == 1 + SHAPES.index("circle") and labels[1, 45, 45] == 1 + list(COLORS).index("blue")
+    assert labels[0, 5, 60] == labels[1, 5, 60] == 0
+    shares = layout_targets(torch.from_numpy(labels[None]), 8).float()
+    assert shares.shape == (1, 64, len(SHAPES) + 2 + len(COLORS) + 1)
+    split = len(SHAPES) + 2
+    assert torch.allclose(shares[..., :split].sum(-1), torch.ones(1, 64), atol=1e-3)
+    assert torch.allclose(shares[..., split:].sum(-1), torch.ones(1, 64), atol=1e-3)
+    assert shares[0, 2 * 8 + 2, 1 + SHAPES.index("star")] > 0.9  # token (2, 2) lies inside the star
+
+
+def test_class_maps_match_the_cached_training_images(tmp_path, monkeypatch):
+    from spatialscore.data.tensors import captioned_images, captioned_labels
+
+    monkeypatch.setenv("SPATIALSCORE_CACHE", str(tmp_path))
+    args = (12, 3, "short", "train", 64, {"two_object": 1})
+    images, _ = captioned_images(*args, workers=1, progress=False, object_scale=1.5)
+    labels = captioned_labels(*args, workers=1, progress=False, object_scale=1.5)
+    assert labels.shape == (12, 2, 64, 64)
+    background = images[:, :1, :1].int()
+    drawn = (images.int() - background).abs().sum(-1) > 60
+    assert ((labels[:, 0] > 0) == drawn).float().mean() > 0.98

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from spatialscore.data.scene import SIGN_BORDER, SIGN_FONT, Scene
+from spatialscore.data.vocab import COLORS, SHAPES
 
 SUPERSAMPLE = 4
 SIGN_FILL = (252, 252, 250)
@@ -20,18 +22,37 @@ def sign_font(px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=px)
 
 
+def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, W: int, H: int, fill) -> None:
+    for obj in scene.objects:
+        poly = obj.polygon()
+        if poly is None:
+            r = obj.radius
+            draw.ellipse([(obj.x - r) * W, (obj.y - r) * H, (obj.x + r) * W, (obj.y + r) * H], fill=fill(obj))
+        else:
+            draw.polygon([(float(px) * W, float(py) * H) for px, py in poly], fill=fill(obj))
+
+
+def render_labels(scene: Scene, size: int) -> np.ndarray:
+    """Class maps of a scene, uint8 [2, size, size]: the shape (1 + index in SHAPES; 1 + len(SHAPES) for a sign)
+    and the colour (1 + index in COLORS; 0 for signs) under each pixel, 0 where the background shows. A generator's
+    training target besides the pixels (train.layout_weight), never an input."""
+    shape_map, colour_map = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
+    colours = list(COLORS)
+    _draw_objects(ImageDraw.Draw(shape_map), scene, size, size, lambda o: 1 + SHAPES.index(o.shape))
+    _draw_objects(ImageDraw.Draw(colour_map), scene, size, size, lambda o: 1 + colours.index(o.color))
+    for sign in scene.signs:
+        x0, y0, x1, y1 = sign.bbox()
+        ImageDraw.Draw(shape_map).rectangle([x0 * size, y0 * size, x1 * size, y1 * size], fill=1 + len(SHAPES))
+        ImageDraw.Draw(colour_map).rectangle([x0 * size, y0 * size, x1 * size, y1 * size], fill=0)
+    return np.stack([np.asarray(shape_map), np.asarray(colour_map)])
+
+
 def render(scene: Scene, size: int | tuple[int, int] = 128) -> Image.Image:
     w, h = (size, size) if isinstance(size, int) else size
     W, H = w * SUPERSAMPLE, h * SUPERSAMPLE
     img = Image.new("RGB", (W, H), tuple(scene.background))
     draw = ImageDraw.Draw(img)
-    for obj in scene.objects:
-        poly = obj.polygon()
-        if poly is None:
-            r = obj.radius
-            draw.ellipse([(obj.x - r) * W, (obj.y - r) * H, (obj.x + r) * W, (obj.y + r) * H], fill=obj.rgb)
-        else:
-            draw.polygon([(float(px) * W, float(py) * H) for px, py in poly], fill=obj.rgb)
+    _draw_objects(draw, scene, W, H, lambda o: o.rgb)
     side = min(W, H)
     for sign in scene.signs:
         x0, y0, x1, y1 = sign.bbox()

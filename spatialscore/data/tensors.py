@@ -89,21 +89,44 @@ def _cached(base: Path, fn, jobs: list, desc: str, unit: str, workers: int | Non
     return meta, {name: torch.from_numpy(np.load(base / f"{name}.npy")) for name in meta["arrays"]}
 
 
-def _captioned(job) -> tuple[dict[str, np.ndarray], dict]:
+def _captioned_scene(index: int, spec: dict):
+    """(scene, prompt metadata) of training image `index`: depends only on (spec, index)."""
     from spatialscore.data.prompts import PromptWriter
-    from spatialscore.data.render import render
     from spatialscore.data.scene import sample_scene
 
-    index, spec = job
     rng = random.Random(f"captions-{spec['seed']}-{index}")
     writer = PromptWriter(rng, spec["phrasing"])
     while True:
         meta = writer.sample(spec["style"], dict(spec["tag_weights"]))
         try:
-            scene = sample_scene(meta, rng, tries=50, scale=spec.get("object_scale", 1.0))
+            return sample_scene(meta, rng, tries=50, scale=spec.get("object_scale", 1.0)), meta
         except SpatialScoreError:  # too crowded to place with clear margins: take the next prompt
             continue
-        return {"images": np.asarray(render(scene, spec["image_size"]))}, meta
+
+
+def _captioned(job) -> tuple[dict[str, np.ndarray], dict]:
+    from spatialscore.data.render import render
+
+    index, spec = job
+    scene, meta = _captioned_scene(index, spec)
+    return {"images": np.asarray(render(scene, spec["image_size"]))}, meta
+
+
+def _captioned_labels(job) -> tuple[dict[str, np.ndarray], None]:
+    from spatialscore.data.render import render_labels
+
+    index, spec = job
+    scene, _ = _captioned_scene(index, spec)
+    return {"labels": render_labels(scene, spec["image_size"])}, None
+
+
+def _captioned_spec(seed: int, style: str, phrasing: str, image_size: int, tag_weights: dict[str, float] | None,
+                    object_scale: float) -> dict:
+    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
+            "tag_weights": sorted((tag_weights or {}).items())}
+    if object_scale != 1.0:
+        spec["object_scale"] = object_scale
+    return spec
 
 
 def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: int,
@@ -111,15 +134,26 @@ def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: i
                      progress: bool = True, object_scale: float = 1.0) -> tuple[torch.Tensor, list[dict]]:
     """n faithful shapes-world images (uint8 [N, H, W, 3], cached) and their prompt metadata: a generator's
     training set (`object_scale` multiplies the objects' sizes)."""
-    spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
-            "tag_weights": sorted((tag_weights or {}).items())}
-    if object_scale != 1.0:
-        spec["object_scale"] = object_scale
+    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale)
     key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "captions", "version": 1}, sort_keys=True).encode())
     meta, arrays = _cached(cache_dir() / f"captions-{key.hexdigest()[:16]}", _captioned,
                            [(i, spec) for i in range(n)], "shapes images", "image", workers, progress,
                            lambda rows: {"records": [r[1] for r in rows]})
     return arrays["images"], meta["records"]
+
+
+def captioned_labels(n: int, seed: int, style: str, phrasing: str, image_size: int,
+                     tag_weights: dict[str, float] | None = None, workers: int | None = None,
+                     progress: bool = True, object_scale: float = 1.0) -> torch.Tensor:
+    """The class maps (uint8 [N, 2, H, W]: shape, colour; render.render_labels) of exactly the scenes
+    `captioned_images` draws for the same arguments, cached."""
+    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale)
+    key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "caption-labels", "version": 1},
+                                    sort_keys=True).encode())
+    _, arrays = _cached(cache_dir() / f"labels-{key.hexdigest()[:16]}", _captioned_labels,
+                        [(i, spec) for i in range(n)], "shapes class maps", "image", workers, progress,
+                        lambda rows: {})
+    return arrays["labels"]
 
 
 def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, target_grid: int = 0,
