@@ -256,6 +256,7 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
         loss.backward()
         optimizer.step()
         bar.set_postfix(caption=f"{caption_loss.item():.4f}", word=f"{word_loss.item():.3f}")
+    encoder.zero_grad(set_to_none=True)  # a fixed encoder's last gradients would otherwise count in later clipping
     with torch.no_grad():
         index = torch.arange(min(2048, len(prompts)))
         exact = ((read(index)[1] > 0).float() == targets[index]).all(-1).float().mean().item()
