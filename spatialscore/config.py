@@ -179,6 +179,7 @@ class GeneratorModelConfig:
     head_dim: int = 32
     text_dim: int = 64
     text_layers: int = 2
+    text_embed_std: float = 0.0  # > 0: the text encoder's word embeddings drawn at this scale (1.0: words stay apart)
     shift: float = 1.0  # the flow-matching schedule's timestep shift (SD3: 3.0)
     prediction: str = "x"  # x: the transformer predicts the clean image (JiT); v: the velocity (SD3)
     latent_factor: int = 0  # 0: denoise pixels; 4: denoise the latents of an autoencoder trained first (SD-style)
@@ -195,6 +196,9 @@ class GeneratorModelConfig:
         if self.latent_factor < 0 or self.latent_channels < 1 or self.ae_width < 1:
             raise SpatialScoreError("model: need latent_factor >= 0, latent_channels >= 1, ae_width >= 1")
         _one_of("model.prediction", self.prediction, ("x", "v"))
+        if self.text_embed_std < 0:
+            raise SpatialScoreError(f"model.text_embed_std must be >= 0 (0: CLIP's own initialisation), got "
+                                    f"{self.text_embed_std}")
         if self.init and self.autoencoder:
             raise SpatialScoreError("model.init already brings its pipeline's autoencoder: drop model.autoencoder")
 
@@ -237,6 +241,7 @@ class GeneratorTrainConfig:
     # predicts each token's shape and colour classes (REPA-style representation guidance; 0 = off)
     layout_weight: float = 0.0
     layout_layer: int = -1  # the block whose output the layout head reads (-1: the middle one)
+    layout_min_sigma: float = 0.0  # the layout loss only at noise levels >= this (0.6: where the text must tell shapes)
     # steps of training the text encoder alone on the captions first (what each prompt asks for, from its tokens;
     # 0 = none): the text then tells shapes apart before the denoiser starts to read it
     text_pretrain_steps: int = 0
@@ -254,6 +259,8 @@ class GeneratorTrainConfig:
                                     "0 <= ema_decay < 1")
         if self.layout_weight < 0:
             raise SpatialScoreError(f"train.layout_weight must be >= 0, got {self.layout_weight}")
+        if not 0 <= self.layout_min_sigma < 1:
+            raise SpatialScoreError(f"train.layout_min_sigma must be in [0, 1), got {self.layout_min_sigma}")
         if self.text_pretrain_steps < 0 or self.text_lr_scale < 0:
             raise SpatialScoreError("train: need text_pretrain_steps >= 0 and text_lr_scale >= 0")
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -283,3 +284,59 @@ def test_text_pretraining_tells_the_shapes_apart():
     stats = pretrain_text_encoder(pipe, records, cfg, progress=False)
     assert stats["text_exact"] == 1.0  # every caption's content is read back from its pooled embedding
     assert pooled_similarity() < min(before, 0.95)
+
+
+@pytest.mark.parametrize("arch", ["base_flow", "base_unet"])
+def test_wide_word_embeddings_keep_the_shape_words_apart(arch):
+    """model.text_embed_std: at CLIP's own 0.02 a fresh encoder's states for two shape words are nearly the same
+    vector, at 1.0 the words are near orthogonal from the first step."""
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.train.generator import build_pipeline
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+
+    def shape_word_similarity(std: float) -> float:
+        pipe = build_pipeline(load_config(GeneratorConfig, root / f"{arch}.yaml", [f"model.text_embed_std={std}"]))
+        batch = pipe.tokenizer(["a photo of a blue circle", "a photo of a blue square"], padding="max_length",
+                               max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            states = pipe.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return torch.nn.functional.cosine_similarity(states[0, 5], states[1, 5], dim=0).item()
+
+    assert shape_word_similarity(0.0) > 0.8 and shape_word_similarity(1.0) < 0.3
+    with pytest.raises(SpatialScoreError, match="model.text_embed_std must be >= 0"):
+        load_config(GeneratorConfig, root / f"{arch}.yaml", ["model.text_embed_std=-1"])
+
+
+def test_shape_word_pairs_differ_only_in_the_shape_and_the_gain_measures_the_words():
+    from spatialscore.models.generators import load_pipeline_dir
+    from spatialscore.train.generator import encode_dataset, shape_word_gain, shape_word_pairs
+
+    images, prompts = shape_word_pairs(6, seed=1, image_size=64, object_scale=1.5)
+    assert images.shape == (12, 64, 64, 3) and len(prompts) == 12
+    for i in range(0, 12, 2):
+        a, b = prompts[i].split(), prompts[i + 1].split()
+        assert a[:-1] == b[:-1] and a[-1] != b[-1]  # the same colour, another shape word
+        pixels = [im.reshape(-1, 3).numpy() for im in images[i:i + 2]]
+        shades = [np.unique(p[(p != p[0]).any(1)], axis=0, return_counts=True) for p in pixels]  # p[0]: background
+        main = [tuple(values[counts.argmax()]) for values, counts in shades]
+        assert main[0] == main[1] and (images[i] != images[i + 1]).any()  # the same shade, another outline
+    assert torch.equal(shape_word_pairs(6, seed=1, image_size=64, object_scale=1.5)[0], images)
+
+    root = Path(__file__).resolve().parents[1] / "data" / "generators" / "shapes-flow"
+    pipe = load_pipeline_dir(root, "pipeline", ("ShapesFlowPipeline",), "test")
+    latents = encode_dataset(pipe, images)
+    same = list(prompts)
+    same[1::2] = same[0::2]
+    assert shape_word_gain(pipe, latents, same) == 0.0  # the same words: the same estimate
+    gain = shape_word_gain(pipe, latents, prompts)
+    assert 0.0 < gain < 1.0
+
+
+def test_the_layout_loss_noise_floor_is_checked():
+    from spatialscore.config import GeneratorConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    for bad in ("-0.1", "1.0"):
+        with pytest.raises(SpatialScoreError, match=r"train.layout_min_sigma must be in \[0, 1\)"):
+            load_config(GeneratorConfig, root / "base_flow.yaml", [f"train.layout_min_sigma={bad}"])

@@ -32,6 +32,10 @@ def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, W: int, H: int, fill)
             draw.polygon([(float(px) * W, float(py) * H) for px, py in poly], fill=fill(obj))
 
 
+# The number of classes in each of render_labels' maps: background, the shapes, and signs / background and the colours
+SHAPE_CLASSES, COLOR_CLASSES = len(SHAPES) + 2, len(COLORS) + 1
+
+
 def render_labels(scene: Scene, size: int) -> np.ndarray:
     """Class maps of a scene, uint8 [2, size, size]: the shape (1 + index in SHAPES; 1 + len(SHAPES) for a sign)
     and the colour (1 + index in COLORS; 0 for signs) under each pixel, 0 where the background shows. A generator's
@@ -42,7 +46,7 @@ def render_labels(scene: Scene, size: int) -> np.ndarray:
     _draw_objects(ImageDraw.Draw(colour_map), scene, size, size, lambda o: 1 + colours.index(o.color))
     for sign in scene.signs:
         x0, y0, x1, y1 = sign.bbox()
-        ImageDraw.Draw(shape_map).rectangle([x0 * size, y0 * size, x1 * size, y1 * size], fill=1 + len(SHAPES))
+        ImageDraw.Draw(shape_map).rectangle([x0 * size, y0 * size, x1 * size, y1 * size], fill=SHAPE_CLASSES - 1)
         ImageDraw.Draw(colour_map).rectangle([x0 * size, y0 * size, x1 * size, y1 * size], fill=0)
     return np.stack([np.asarray(shape_map), np.asarray(colour_map)])
 

@@ -46,16 +46,22 @@ def shapes_tokenizer():
                                    eos_token="<eos>", model_max_length=MAX_TOKENS)
 
 
-def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool):
+def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool, embed_std: float = 0.0):
     """A small CLIP text encoder over the shapes tokenizer, trained with its generator; with a projection (pooled
-    embedding, SD3-style) or without (SD1.5-style)."""
+    embedding, SD3-style) or without (SD1.5-style). `embed_std` > 0 draws the word embeddings at that scale instead of
+    CLIP's 0.02: at 0.02 the residual stream hides which word it is (a freshly made encoder's states for "circle" and
+    "square" have cosine 0.93), at 1.0 they are near orthogonal (0.02) and stay apart while the generator learns."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
         num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    if embed_std > 0:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    return model
 
 
 def shapes_autoencoder(image_size: int = 64, factor: int = 4, channels: int = 4, width: int = 32):
@@ -77,7 +83,7 @@ def shapes_autoencoder(image_size: int = 64, factor: int = 4, channels: int = 4,
 def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int = 4, heads: int = 6,
                          head_dim: int = 32, text_dim: int = 64, text_layers: int = 2, shift: float = 1.0,
                          prediction: str = "x", seed: int = 0, latent_factor: int = 0, latent_channels: int = 4,
-                         ae_width: int = 32) -> "ShapesFlowPipeline":
+                         ae_width: int = 32, text_embed_std: float = 0.0) -> "ShapesFlowPipeline":
     """A freshly initialised shapes-world flow pipeline (train it with `spatialscore train-generator`); with
     `latent_factor` > 0 it denoises the latents of a (to be trained) autoencoder instead of pixels."""
     torch.manual_seed(seed)
@@ -87,7 +93,7 @@ def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int 
         raise SpatialScoreError(f"model.patch_size ({patch_size}) must divide the {'latent' if vae else 'image'} "
                                 f"size ({grid})")
     tokenizer = shapes_tokenizer()
-    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=True)
+    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=True, embed_std=text_embed_std)
     transformer = SD3Transformer2DModel(
         sample_size=grid, patch_size=patch_size, in_channels=channels, out_channels=channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
@@ -100,7 +106,7 @@ def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int 
 
 def shapes_unet_pipeline(image_size: int = 64, latent_factor: int = 4, latent_channels: int = 8, ae_width: int = 16,
                          unet_width: int = 64, text_dim: int = 64, text_layers: int = 2, seed: int = 0,
-                         top_attention: bool = True):
+                         top_attention: bool = True, text_embed_std: float = 0.0):
     """SD1.5's design at shapes-world scale, as a `StableDiffusionPipeline`: the autoencoder above, a CLIP text
     encoder trained with it over the shapes tokenizer, a cross-attention `UNet2DConditionModel` predicting the noise
     of its latents (DDPM training, cosine schedule) and `DDIMScheduler` for sampling (DDPO's eta = 1 or eta = 0).
@@ -113,7 +119,7 @@ def shapes_unet_pipeline(image_size: int = 64, latent_factor: int = 4, latent_ch
     torch.manual_seed(seed)
     vae = shapes_autoencoder(image_size, latent_factor, latent_channels, ae_width)
     tokenizer = shapes_tokenizer()
-    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=False)
+    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=False, embed_std=text_embed_std)
     w = unet_width
     top = "CrossAttn" if top_attention else ""
     unet = UNet2DConditionModel(

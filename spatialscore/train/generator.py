@@ -39,11 +39,11 @@ def build_pipeline(cfg: GeneratorConfig):
         return shapes_unet_pipeline(image_size=m.image_size, latent_factor=m.latent_factor,
                                     latent_channels=m.latent_channels, ae_width=m.ae_width, unet_width=m.unet_width,
                                     text_dim=m.text_dim, text_layers=m.text_layers, seed=m.seed,
-                                    top_attention=m.unet_top_attention)
+                                    top_attention=m.unet_top_attention, text_embed_std=m.text_embed_std)
     return shapes_flow_pipeline(image_size=m.image_size, patch_size=m.patch_size, layers=m.layers, heads=m.heads,
                                 head_dim=m.head_dim, text_dim=m.text_dim, text_layers=m.text_layers, shift=m.shift,
                                 prediction=m.prediction, seed=m.seed, latent_factor=m.latent_factor,
-                                latent_channels=m.latent_channels, ae_width=m.ae_width)
+                                latent_channels=m.latent_channels, ae_width=m.ae_width, text_embed_std=m.text_embed_std)
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
@@ -167,14 +167,13 @@ class LayoutHead(torch.nn.Module):
 def layout_targets(labels: torch.Tensor, grid: int) -> torch.Tensor:
     """Class maps uint8 [N, 2, H, W] -> per-token class shares [N, grid * grid, shape classes + colour classes]
     (row-major tokens, as SD3's patch embedding flattens them), float16."""
-    from spatialscore.data.vocab import COLORS, SHAPES
+    from spatialscore.data.render import COLOR_CLASSES, SHAPE_CLASSES
 
-    shapes, colours = len(SHAPES) + 2, len(COLORS) + 1
     out = []
     for start in range(0, len(labels), 1024):
         chunk = labels[start:start + 1024].long()
-        onehot = torch.cat([torch.nn.functional.one_hot(chunk[:, 0], shapes),
-                            torch.nn.functional.one_hot(chunk[:, 1], colours)], -1).permute(0, 3, 1, 2).float()
+        onehot = torch.cat([torch.nn.functional.one_hot(chunk[:, 0], SHAPE_CLASSES),
+                            torch.nn.functional.one_hot(chunk[:, 1], COLOR_CLASSES)], -1).permute(0, 3, 1, 2).float()
         pooled = torch.nn.functional.adaptive_avg_pool2d(onehot, grid)
         out.append(pooled.flatten(2).transpose(1, 2).half())
     return torch.cat(out)
@@ -182,7 +181,7 @@ def layout_targets(labels: torch.Tensor, grid: int) -> torch.Tensor:
 
 def _layout_head(pipe, cfg: GeneratorConfig) -> tuple[LayoutHead, torch.nn.Module]:
     """(a fresh layout head, the transformer block it reads)."""
-    from spatialscore.data.vocab import COLORS, SHAPES
+    from spatialscore.data.render import COLOR_CLASSES, SHAPE_CLASSES
 
     blocks = pipe.transformer.transformer_blocks
     index = cfg.train.layout_layer if cfg.train.layout_layer >= 0 else len(blocks) // 2
@@ -190,7 +189,7 @@ def _layout_head(pipe, cfg: GeneratorConfig) -> tuple[LayoutHead, torch.nn.Modul
         raise SpatialScoreError(f"train.layout_layer: {index} >= the transformer's {len(blocks)} blocks")
     torch.manual_seed(cfg.train.seed)
     head = LayoutHead(pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim,
-                      len(SHAPES) + 2, len(COLORS) + 1)
+                      SHAPE_CLASSES, COLOR_CLASSES)
     return head, blocks[index]
 
 
@@ -263,8 +262,9 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
     return {"text_caption_loss": caption_loss.item(), "text_exact": exact}
 
 
-def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator, cfg: GeneratorConfig):
-    """Flow matching at a logit-normal, shifted sigma: the velocity error (or the clean-image error,
+def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
+               cfg: GeneratorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, sigma [B]): flow matching at a logit-normal, shifted sigma: the velocity error (or the clean-image error,
     `train.loss_space: x`)."""
     sigma = shifted(torch.sigmoid(torch.randn(len(x0), generator=generator)), cfg.model.shift)
     noise = torch.randn(x0.shape, generator=generator)
@@ -272,9 +272,9 @@ def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Gene
     if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
         s = sigma.view(-1, 1, 1, 1)
         clean = (1 - s) * x0 + s * noise - sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1) * velocity
-        return torch.nn.functional.mse_loss(clean, x0)
+        return torch.nn.functional.mse_loss(clean, x0), sigma
     # the velocity error: under x-prediction it weighs low-noise steps by 1 / sigma^2
-    return torch.nn.functional.mse_loss(velocity, target)
+    return torch.nn.functional.mse_loss(velocity, target), sigma
 
 
 def _ddpm_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator):
@@ -344,6 +344,58 @@ def prompt_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: float =
     right, wrong = (torch.nn.functional.mse_loss(*_denoising(pipe, x0, noise, level, texts))
                     for texts in (prompts, prompts[1:] + prompts[:1]))
     return float(1 - right / wrong)
+
+
+def shape_word_pairs(n: int, seed: int, image_size: int, object_scale: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """n pairs of single-object scenes that differ only in the object's shape (same colour, place, size, rotation):
+    uint8 images [2n, H, W, 3] (pair i at rows 2i, 2i + 1) and their prompts."""
+    import copy
+    import numpy as np
+
+    from spatialscore.data.render import render
+    from spatialscore.data.scene import sample_scene
+    from spatialscore.data.vocab import COLORS, SHAPES
+
+    rng = random.Random(f"shape-words-{seed}")
+    images, prompts = [], []
+    for _ in range(n):
+        shape, other = rng.sample(list(SHAPES), 2)
+        colour = rng.choice(list(COLORS))
+        meta = {"prompt": f"a photo of a {colour} {shape}", "tag": "single_object",
+                "include": [{"class": shape, "count": 1, "color": colour}]}
+        scene = sample_scene(meta, rng, scale=object_scale)
+        twin = copy.deepcopy(scene)
+        twin.objects[0].shape = other
+        images += [np.asarray(render(scene, image_size)), np.asarray(render(twin, image_size))]
+        prompts += [meta["prompt"], f"a photo of a {colour} {other}"]
+    return torch.from_numpy(np.stack(images)), prompts
+
+
+@torch.no_grad()
+def shape_word_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: float = 0.7, seed: int = 0) -> float:
+    """How much the shape word moves the denoiser: for pairs of scenes that differ only in the shape (x0 [2n, ...]
+    as `shape_word_pairs` orders them), one noisy copy of the first is denoised under both prompts, and the change
+    of the clean-image estimate is measured against the difference of the two true images (squared norms). 0: the
+    denoiser ignores the shape words (it draws the same blob for "circle" and "square"); a denoiser that knows the
+    shapes moves its estimate by a good part of the difference at noise levels that hide the shape."""
+    first, second = x0[0::2], x0[1::2]
+    noise = torch.randn(first.shape, generator=torch.Generator().manual_seed(seed))
+    estimates = []
+    for texts in (prompts[0::2], prompts[1::2]):
+        if isinstance(pipe, ShapesFlowPipeline):
+            level = torch.full((len(first),), noise_level)
+            velocity, _ = _denoising(pipe, first, noise, level, texts)
+            xt = (1 - noise_level) * first + noise_level * noise
+            estimates.append(xt - noise_level * velocity)
+        else:
+            t = int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1))
+            a = pipe.scheduler.alphas_cumprod.float()[t]
+            eps, _ = _denoising(pipe, first, noise, torch.full((len(first),), t), texts)
+            xt = a.sqrt() * first + (1 - a).sqrt() * noise
+            estimates.append((xt - (1 - a).sqrt() * eps) / a.sqrt())
+    moved = (estimates[1] - estimates[0]).pow(2).flatten(1).sum(1)
+    apart = (second - first).pow(2).flatten(1).sum(1).clamp(min=1e-8)
+    return float((moved / apart).mean())
 
 
 def _state_io(modules: torch.nn.Module, ema: torch.nn.Module):
@@ -419,6 +471,8 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     write_state, read_state = _state_io(modules, ema)
     held_out = eval_prompts(cfg)
+    word_images, word_prompts = shape_word_pairs(16, cfg.data.eval_seed, cfg.model.image_size, cfg.data.object_scale)
+    word_pairs = encode_dataset(pipe, word_images)
     log_path = out / "metrics.jsonl"
     start, history, losses, layout_losses = 0, [], [], []
     if resume_from:
@@ -436,9 +490,10 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         drop = torch.rand(len(index), generator=generator) < cfg.train.cond_dropout
         prompts = ["" if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
         if isinstance(pipe, ShapesFlowPipeline):
-            loss = _flow_loss(pipe, x0, prompts, generator, cfg)
-            if layout is not None:
-                layout_loss = layout.loss(layout_data[index].float(), (~drop).float())
+            loss, sigma = _flow_loss(pipe, x0, prompts, generator, cfg)
+            if layout is not None:  # where the noise hides the shapes, only the caption can tell them
+                keep = ~drop & (sigma >= cfg.train.layout_min_sigma)
+                layout_loss = layout.loss(layout_data[index].float(), keep.float())
                 layout_losses.append(layout_loss.item())
                 loss = loss + cfg.train.layout_weight * layout_loss
         else:
@@ -459,6 +514,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         if (step + 1) % cfg.train.eval_every == 0 or last:
             report = evaluate(ema_pipe, cfg, held_out, out / "samples" / f"step-{step + 1:06d}.png")
             report["prompt_gain"] = prompt_gain(ema_pipe, data[:64], captions[:64])
+            report["shape_word_gain"] = shape_word_gain(ema_pipe, word_pairs, word_prompts)
             row = {"step": step + 1, "loss": sum(losses) / len(losses), "minutes": (time.time() - t0) / 60, **stats,
                    **report}
             if layout_losses:
@@ -468,6 +524,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f}, prompt gain {report['prompt_gain']:.3f}, "
+                       f"shape-word gain {report['shape_word_gain']:.3f}, "
                        f"held-out oracle accuracy {report['overall']:.3f} "
                        f"{json.dumps({k: round(v, 3) for k, v in report['by_tag'].items()})}")
         if (step + 1) % cfg.train.save_every == 0 and not last:
