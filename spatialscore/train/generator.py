@@ -122,14 +122,21 @@ def _denoising(pipe, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor,
     level is sigma, x = (1 - sigma) x0 + sigma noise, target the velocity noise - x0. DDPM (StableDiffusionPipeline):
     level is an integer timestep, x = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target the noise. Gradients reach the text
     encoder through the pipeline's own prompt encoding."""
+    xt = _noised(pipe, x0, noise, level)
+    if isinstance(pipe, ShapesFlowPipeline):
+        embeds, pooled = pipe.encode_prompt(prompts)
+        return pipe.predict(xt, level, embeds, pooled).float(), noise - x0
+    embeds = pipe.encode_prompt(prompts, x0.device, 1, False)[0]
+    return pipe.unet(xt, level, encoder_hidden_states=embeds).sample.float(), noise
+
+
+def _noised(pipe, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """x0 noised to `level` [B] as `_denoising` describes."""
     if isinstance(pipe, ShapesFlowPipeline):
         s = level.view(-1, 1, 1, 1)
-        embeds, pooled = pipe.encode_prompt(prompts)
-        return pipe.predict((1 - s) * x0 + s * noise, level, embeds, pooled).float(), noise - x0
+        return (1 - s) * x0 + s * noise
     a = pipe.scheduler.alphas_cumprod.float()[level].view(-1, 1, 1, 1)
-    embeds = pipe.encode_prompt(prompts, x0.device, 1, False)[0]
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return pipe.unet(xt, level, encoder_hidden_states=embeds).sample.float(), noise
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 class LayoutHead(torch.nn.Module):
@@ -255,7 +262,6 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
         loss.backward()
         optimizer.step()
         bar.set_postfix(caption=f"{caption_loss.item():.4f}", word=f"{word_loss.item():.3f}")
-    encoder.zero_grad(set_to_none=True)  # a fixed encoder's last gradients would otherwise count in later clipping
     with torch.no_grad():
         index = torch.arange(min(2048, len(prompts)))
         exact = ((read(index)[1] > 0).float() == targets[index]).all(-1).float().mean().item()
@@ -380,19 +386,17 @@ def shape_word_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: flo
     shapes moves its estimate by a good part of the difference at noise levels that hide the shape."""
     first, second = x0[0::2], x0[1::2]
     noise = torch.randn(first.shape, generator=torch.Generator().manual_seed(seed))
+    flow = isinstance(pipe, ShapesFlowPipeline)
+    if flow:
+        level = torch.full((len(first),), noise_level)
+    else:
+        level = torch.full((len(first),), int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1)))
+        a = pipe.scheduler.alphas_cumprod.float()[level[0]]
+    xt = _noised(pipe, first, noise, level)
     estimates = []
     for texts in (prompts[0::2], prompts[1::2]):
-        if isinstance(pipe, ShapesFlowPipeline):
-            level = torch.full((len(first),), noise_level)
-            velocity, _ = _denoising(pipe, first, noise, level, texts)
-            xt = (1 - noise_level) * first + noise_level * noise
-            estimates.append(xt - noise_level * velocity)
-        else:
-            t = int(noise_level * (pipe.scheduler.config.num_train_timesteps - 1))
-            a = pipe.scheduler.alphas_cumprod.float()[t]
-            eps, _ = _denoising(pipe, first, noise, torch.full((len(first),), t), texts)
-            xt = a.sqrt() * first + (1 - a).sqrt() * noise
-            estimates.append((xt - (1 - a).sqrt() * eps) / a.sqrt())
+        out, _ = _denoising(pipe, first, noise, level, texts)  # the velocity, or the noise
+        estimates.append(xt - noise_level * out if flow else (xt - (1 - a).sqrt() * out) / a.sqrt())
     moved = (estimates[1] - estimates[0]).pow(2).flatten(1).sum(1)
     apart = (second - first).pow(2).flatten(1).sum(1).clamp(min=1e-8)
     return float((moved / apart).mean())
@@ -469,6 +473,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     else:
         pipe.text_encoder.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    stepped = [p for group in groups for p in group["params"]]  # clipped: a fixed encoder's old gradients don't count
     write_state, read_state = _state_io(modules, ema)
     held_out = eval_prompts(cfg)
     word_images, word_prompts = shape_word_pairs(16, cfg.data.eval_seed, cfg.model.image_size, cfg.data.object_scale)
@@ -502,7 +507,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
             group["lr"] = _lr(step, cfg) * group["scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.train.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(stepped, cfg.train.max_grad_norm)
         optimizer.step()
         decay = min(cfg.train.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
