@@ -237,11 +237,21 @@ class GeneratorTrainConfig:
     ae_lr: float = 2e-3
     ae_kl: float = 1e-6  # the KL weight of the autoencoder (SD's VAE uses ~1e-6)
     ae_foreground: float = 10.0  # reconstruction weight of object pixels relative to background ones
+    # the denoiser's loss weight on the latent cells under (or within foreground_dilate cells of) an object,
+    # relative to background cells (1 = unweighted): objects are a few percent of an image, their outlines less
+    foreground_weight: float = 1.0
+    foreground_dilate: int = 1
     # shapes_flow: weight of the scene-layout loss, a training-only head on one transformer block's tokens that
     # predicts each token's shape and colour classes (REPA-style representation guidance; 0 = off)
     layout_weight: float = 0.0
     layout_layer: int = -1  # the block whose output the layout head reads (-1: the middle one)
     layout_min_sigma: float = 0.0  # the layout loss only at noise levels >= this (0.6: where the text must tell shapes)
+    # shapes_flow: weight of the shape loss, a frozen per-pixel shape classifier (fitted first, shape_reader_steps)
+    # run on the denoiser's clean-image estimate at noise levels in [shape_min_sigma, shape_max_sigma] (0 = off)
+    shape_weight: float = 0.0
+    shape_reader_steps: int = 600
+    shape_min_sigma: float = 0.4
+    shape_max_sigma: float = 0.9
     # steps of training the text encoder alone on the captions first (what each prompt asks for, from its tokens;
     # 0 = none): the text then tells shapes apart before the denoiser starts to read it
     text_pretrain_steps: int = 0
@@ -257,6 +267,15 @@ class GeneratorTrainConfig:
         if self.steps < 1 or self.batch_size < 1 or not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, 0 <= cond_dropout < 1, "
                                     "0 <= ema_decay < 1")
+        if self.foreground_weight < 1 or self.foreground_dilate < 0:
+            raise SpatialScoreError(f"train: need foreground_weight >= 1 and foreground_dilate >= 0, got "
+                                    f"{self.foreground_weight} and {self.foreground_dilate}")
+        if self.shape_weight < 0 or self.shape_reader_steps < 1:
+            raise SpatialScoreError(f"train: need shape_weight >= 0 and shape_reader_steps >= 1, got "
+                                    f"{self.shape_weight} and {self.shape_reader_steps}")
+        if not 0 <= self.shape_min_sigma <= self.shape_max_sigma <= 1:
+            raise SpatialScoreError(f"train: need 0 <= shape_min_sigma <= shape_max_sigma <= 1, got "
+                                    f"{self.shape_min_sigma} and {self.shape_max_sigma}")
         if self.layout_weight < 0:
             raise SpatialScoreError(f"train.layout_weight must be >= 0, got {self.layout_weight}")
         if not 0 <= self.layout_min_sigma < 1:
@@ -280,6 +299,9 @@ class GeneratorConfig:
         if self.train.layout_weight and self.model.arch != "shapes_flow":
             raise SpatialScoreError(f"train.layout_weight: the layout head reads transformer blocks (model.arch "
                                     f"shapes_flow), not model.arch {self.model.arch}")
+        if self.train.shape_weight and self.model.arch != "shapes_flow":
+            raise SpatialScoreError(f"train.shape_weight: the shape loss reads a flow denoiser's clean-image estimate "
+                                    f"(model.arch shapes_flow), not model.arch {self.model.arch}")
 
 
 @dataclass

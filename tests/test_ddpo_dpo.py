@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,8 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
     recipe = root / ("base_unet.yaml" if space == "unet" else "base_flow.yaml")
     latents = ["model.latent_factor=4", "model.patch_size=2", "model.ae_width=8", "train.ae_steps=3"]
-    space_overrides = {"latents": latents, "layout": [*latents, "train.layout_weight=0.5"],
+    space_overrides = {"latents": latents, "layout": [*latents, "train.layout_weight=0.5", "train.foreground_weight=5",
+                                                         "train.shape_weight=1", "train.shape_reader_steps=3"],
                        "text": [*latents, "train.text_pretrain_steps=3", "train.text_lr_scale=0"],
                        "pixels": ["model.latent_factor=0", "model.patch_size=8", "model.prediction=x"],
                        "unet": ["model.ae_width=8", "model.unet_width=16", "train.ae_steps=3"]}[space]
@@ -165,8 +167,9 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     assert images.shape == (1, 3, 32, 32)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["prompt_gain"]) for r in rows)
-    if space == "layout":  # the training-only layout head is logged, and never reaches the saved pipeline
+    if space == "layout":  # the training-only layout head and shape reader are logged, never saved with the pipeline
         assert all(math.isfinite(r["layout_loss"]) and r["layout_loss"] > 0 for r in rows)
+        assert all(math.isfinite(r["shape_loss"]) and 0 <= r["shape_reader_accuracy"] <= 1 for r in rows)
         assert not any(k.startswith("net.") for k in a)
     else:
         assert not any("layout_loss" in r for r in rows)
@@ -340,3 +343,79 @@ def test_the_layout_loss_noise_floor_is_checked():
     for bad in ("-0.1", "1.0"):
         with pytest.raises(SpatialScoreError, match=r"train.layout_min_sigma must be in \[0, 1\)"):
             load_config(GeneratorConfig, root / "base_flow.yaml", [f"train.layout_min_sigma={bad}"])
+
+
+def test_foreground_cells_cover_the_objects_and_weight_the_loss():
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.train.generator import _mse, foreground_cells, shape_word_pairs
+
+    images, _ = shape_word_pairs(4, seed=2, image_size=64, object_scale=1.5)
+    tight, grown = foreground_cells(images, 16, dilate=0), foreground_cells(images, 16, dilate=1)
+    assert tight.shape == (8, 1, 16, 16) and tight.dtype == torch.bool
+    for image, cells in zip(images, tight):  # a cell is marked exactly when one of its 4x4 pixels is not background
+        object_pixels = (image.int() - image[0, 0].int()).abs().amax(-1) > 0.05 * 255  # beyond faint anti-aliasing
+        differs = object_pixels.reshape(16, 4, 16, 4).any(3).any(1)
+        assert torch.equal(cells[0], differs) and 0 < differs.sum() < 40
+    assert (grown >= tight).all() and grown.sum() > tight.sum()
+    shifted = torch.nn.functional.max_pool2d(tight.float(), 3, stride=1, padding=1) > 0
+    assert torch.equal(grown, shifted)  # grown by one cell in every direction
+
+    out, target = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    assert torch.allclose(_mse(out, target, torch.full((2, 1, 16, 16), 3.0)), _mse(out, target, None))
+    only = torch.zeros(2, 1, 16, 16)
+    only[:, :, 2:5, 7:9] = 1.0  # all the weight on a few cells: their error alone
+    expected = (out - target)[:, :, 2:5, 7:9].pow(2).mean()
+    assert torch.allclose(_mse(out, target, only), expected)
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    with pytest.raises(SpatialScoreError, match="foreground_weight >= 1 and foreground_dilate >= 0"):
+        load_config(GeneratorConfig, root / "base_flow.yaml", ["train.foreground_weight=0.5"])
+
+
+def test_the_shape_reader_reads_the_outline_from_latents():
+    import copy
+
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.data.render import render, render_labels
+    from spatialscore.data.scene import sample_scene
+    from spatialscore.data.tensors import captioned_images, captioned_labels
+    from spatialscore.models.generators import load_pipeline_dir
+    from spatialscore.train.generator import encode_dataset, fit_shape_reader
+
+    root = Path(__file__).resolve().parents[1]
+    pipe = load_pipeline_dir(root / "data" / "generators" / "shapes-flow", "pipeline", ("ShapesFlowPipeline",), "test")
+    cfg = load_config(GeneratorConfig, root / "recipes" / "shapes" / "base_flow.yaml",
+                      ["data.n_train=1000", "train.shape_reader_steps=200", "train.shape_weight=1"])
+    d = cfg.data
+    args = (d.n_train, d.seed, d.style, d.phrasing, 64, d.tag_weights)
+    images, _ = captioned_images(*args, progress=False, object_scale=d.object_scale)
+    maps = captioned_labels(*args, progress=False, object_scale=d.object_scale)[:, 0]
+    reader, stats = fit_shape_reader(encode_dataset(pipe, images), maps, cfg, progress=False)
+    assert stats["shape_reader_accuracy"] > 0.8  # object pixels of scenes it was not fitted on
+    assert not any(p.requires_grad for p in reader.parameters())
+
+    rng = random.Random(3)  # the same scene with another shape: the true outline reads better than the swapped one
+    right, swapped = [], []
+    for shape, other in [("circle", "square"), ("square", "triangle"), ("triangle", "star"), ("star", "circle")] * 2:
+        meta = {"prompt": f"a red {shape}", "tag": "single_object",
+                "include": [{"class": shape, "count": 1, "color": "red"}]}
+        scene = sample_scene(meta, rng, scale=1.5)
+        twin = copy.deepcopy(scene)
+        twin.objects[0].shape = other
+        latents = encode_dataset(pipe, torch.from_numpy(np.stack([np.asarray(render(s, 64)) for s in (scene, twin)])))
+        labels = torch.from_numpy(render_labels(scene, 64)[0])[None].expand(2, -1, -1)
+        losses = reader.loss(latents, labels)
+        right.append(losses[0].item())
+        swapped.append(losses[1].item())
+    assert sum(r < s for r, s in zip(right, swapped)) >= 7, (right, swapped)
+
+
+def test_the_shape_loss_is_an_option_of_transformer_bases_only():
+    from spatialscore.config import GeneratorConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    with pytest.raises(SpatialScoreError, match="train.shape_weight.*shapes_unet"):
+        load_config(GeneratorConfig, root / "base_unet.yaml", ["train.shape_weight=1"])
+    with pytest.raises(SpatialScoreError, match="shape_min_sigma <= shape_max_sigma"):
+        load_config(GeneratorConfig, root / "base_flow.yaml", ["train.shape_min_sigma=0.9", "train.shape_max_sigma=0.5"])
+    with pytest.raises(SpatialScoreError, match="shape_weight >= 0"):
+        load_config(GeneratorConfig, root / "base_flow.yaml", ["train.shape_weight=-1"])

@@ -171,6 +171,64 @@ class LayoutHead(torch.nn.Module):
         return (loss * keep).sum() / keep.sum().clamp(min=1)
 
 
+class ShapeReader(torch.nn.Module):
+    """Training-only: a small convolutional net that reads a clean latent grid [B, C, h, w] and predicts the shape
+    class of every pixel under it ([B, SHAPE_CLASSES, h * f, w * f] logits by sub-pixel convolution, f = image size
+    / grid). It is fitted first to the training set's latents and class maps, then frozen; the shape loss
+    (train.shape_weight) runs it on the denoiser's clean-image estimate, so the named outline is rewarded at the
+    denoiser's output, where the pixel loss alone hardly tells a circle from a square. Never saved with the
+    pipeline."""
+
+    def __init__(self, channels: int, factor: int, classes: int, width: int = 64, object_weight: float = 5.0):
+        super().__init__()
+        self.object_weight = object_weight
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, classes * factor * factor, 1), torch.nn.PixelShuffle(factor))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents.float())
+
+    def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy [B] against the shape maps labels [B, H, W], object pixels weighted
+        `object_weight` times the background (which still counts: a square's corners drawn around a circle are
+        wrong)."""
+        ce = torch.nn.functional.cross_entropy(self(latents), labels.long(), reduction="none")
+        weight = 1 + (self.object_weight - 1) * (labels > 0).float()
+        return (ce * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)
+
+
+def fit_shape_reader(data: torch.Tensor, shape_maps: torch.Tensor, cfg: GeneratorConfig,
+                     progress: bool = True) -> tuple[ShapeReader, dict]:
+    """Fit a `ShapeReader` to clean latents `data` [N, C, h, w] and their shape maps uint8 [N, H, W]
+    (train.shape_reader_steps of Adam, batch 64, latents jittered by N(0, 0.1) so it reads shapes, not exact codes),
+    then freeze it. Returns it and its pixel accuracy on object pixels of a held-back slice."""
+    from spatialscore.data.render import SHAPE_CLASSES
+
+    torch.manual_seed(cfg.train.seed + 17)
+    reader = ShapeReader(data.shape[1], shape_maps.shape[-1] // data.shape[-1], SHAPE_CLASSES)
+    optimizer = torch.optim.Adam(reader.parameters(), lr=2e-3)
+    held = min(512, len(data) // 10)
+    generator = torch.Generator().manual_seed(cfg.train.seed + 17)
+    bar = tqdm(range(cfg.train.shape_reader_steps), desc="shape reader", unit="step", disable=not progress)
+    for _ in bar:
+        index = held + torch.randint(len(data) - held, (64,), generator=generator)
+        x = data[index] + 0.1 * torch.randn(data[index].shape, generator=generator)
+        loss = reader.loss(x, shape_maps[index]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    reader.eval().requires_grad_(False)
+    with torch.no_grad():
+        predicted = reader(data[:held]).argmax(1)
+        objects = shape_maps[:held] > 0
+        accuracy = (predicted == shape_maps[:held].long())[objects].float().mean().item()
+    return reader, {"shape_reader_accuracy": accuracy}
+
+
 def layout_targets(labels: torch.Tensor, grid: int) -> torch.Tensor:
     """Class maps uint8 [N, 2, H, W] -> per-token class shares [N, grid * grid, shape classes + colour classes]
     (row-major tokens, as SD3's patch embedding flattens them), float16."""
@@ -268,26 +326,49 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
     return {"text_caption_loss": caption_loss.item(), "text_exact": exact}
 
 
-def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
-               cfg: GeneratorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, sigma [B]): flow matching at a logit-normal, shifted sigma: the velocity error (or the clean-image error,
-    `train.loss_space: x`)."""
+def foreground_cells(images: torch.Tensor, grid: int, dilate: int = 1, batch: int = 1024) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] -> bool [N, 1, grid, grid]: the cells of the denoiser's grid that hold a pixel of an
+    object (not the background colour), grown by `dilate` cells, so a wrong outline drawn just outside the object
+    (a square's corners around a circle) also counts."""
+    out = []
+    for start in range(0, len(images), batch):
+        mask = _foreground_weight(_pixels(images[start:start + batch]), 2.0) - 1
+        cells = torch.nn.functional.adaptive_max_pool2d(mask, grid)
+        if dilate:
+            cells = torch.nn.functional.max_pool2d(cells, 2 * dilate + 1, stride=1, padding=dilate)
+        out.append(cells > 0)
+    return torch.cat(out)
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error, or with weight [B, 1, h, w] the weighted one, normalised by the batch's mean weight
+    (the loss keeps its scale, the objects get the share)."""
+    if weight is None:
+        return torch.nn.functional.mse_loss(output, target)
+    return ((output - target).pow(2) * weight).mean() / weight.mean()
+
+
+def _flow_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator, cfg: GeneratorConfig,
+               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, sigma [B], the clean-image estimate): flow matching at a logit-normal, shifted sigma: the velocity error
+    (or the clean-image error, `train.loss_space: x`), per position weighted by `weight` [B, 1, h, w] when given."""
     sigma = shifted(torch.sigmoid(torch.randn(len(x0), generator=generator)), cfg.model.shift)
     noise = torch.randn(x0.shape, generator=generator)
     velocity, target = _denoising(pipe, x0, noise, sigma, prompts)
+    s = sigma.view(-1, 1, 1, 1)
+    clean = (1 - s) * x0 + s * noise - sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1) * velocity
     if cfg.train.loss_space == "x":  # the clean-image error: every noise level weighs the same
-        s = sigma.view(-1, 1, 1, 1)
-        clean = (1 - s) * x0 + s * noise - sigma.clamp(min=MIN_SIGMA).view(-1, 1, 1, 1) * velocity
-        return torch.nn.functional.mse_loss(clean, x0), sigma
+        return _mse(clean, x0, weight), sigma, clean
     # the velocity error: under x-prediction it weighs low-noise steps by 1 / sigma^2
-    return torch.nn.functional.mse_loss(velocity, target), sigma
+    return _mse(velocity, target, weight), sigma, clean
 
 
-def _ddpm_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator):
-    """DDPM (SD1.5) at a uniform integer timestep: the noise error."""
+def _ddpm_loss(pipe, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
+               weight: torch.Tensor | None = None):
+    """DDPM (SD1.5) at a uniform integer timestep: the noise error (weighted per position, as in `_flow_loss`)."""
     t = torch.randint(pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    return torch.nn.functional.mse_loss(*_denoising(pipe, x0, noise, t, prompts))
+    return _mse(*_denoising(pipe, x0, noise, t, prompts), weight)
 
 
 def eval_prompts(cfg: GeneratorConfig) -> list[dict]:
@@ -445,6 +526,8 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     if pipe.vae is not None and not cfg.model.init:
         stats = _autoencoder_stage(pipe.vae, images, cfg, out, resume_from, progress)
     data = encode_dataset(pipe, images)
+    cells = (foreground_cells(images, data.shape[-1], cfg.train.foreground_dilate)
+             if cfg.train.foreground_weight != 1 else None)
     if cfg.train.text_pretrain_steps and not resume_from:  # a resumed run loads the pretrained encoder below
         stats |= pretrain_text_encoder(pipe, records, cfg, progress)
         tqdm.write(f"text encoder pretrained {cfg.train.text_pretrain_steps} steps: every caption's content read "
@@ -461,6 +544,16 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         (layout, block), layout_data = _layout_head(pipe, cfg), layout_targets(labels, grid)
         del labels
         trained.append(layout)
+    reader = None
+    if cfg.train.shape_weight:
+        from spatialscore.data.tensors import captioned_labels
+
+        shape_maps = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
+                                      cfg.model.image_size, cfg.data.tag_weights, progress=progress,
+                                      object_scale=cfg.data.object_scale)[:, 0].contiguous()
+        reader, reader_stats = fit_shape_reader(data, shape_maps, cfg, progress)  # from (seed): the same on resume
+        stats |= reader_stats
+        tqdm.write(f"shape reader fitted: object-pixel accuracy {reader_stats['shape_reader_accuracy']:.3f}")
     modules = torch.nn.ModuleList(trained)
     ema = copy.deepcopy(modules).requires_grad_(False)
     if layout is not None:
@@ -479,7 +572,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     word_images, word_prompts = shape_word_pairs(16, cfg.data.eval_seed, cfg.model.image_size, cfg.data.object_scale)
     word_pairs = encode_dataset(pipe, word_images)
     log_path = out / "metrics.jsonl"
-    start, history, losses, layout_losses = 0, [], [], []
+    start, history, losses, layout_losses, shape_losses = 0, [], [], [], []
     if resume_from:
         state = load_checkpoint(resume_from, modules, optimizer, read_model=read_state)
         start, history = state["step"], state["history"]
@@ -494,15 +587,21 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         x0 = data[index]
         drop = torch.rand(len(index), generator=generator) < cfg.train.cond_dropout
         prompts = ["" if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
+        weight = None if cells is None else 1 + (cfg.train.foreground_weight - 1) * cells[index].float()
         if isinstance(pipe, ShapesFlowPipeline):
-            loss, sigma = _flow_loss(pipe, x0, prompts, generator, cfg)
+            loss, sigma, clean = _flow_loss(pipe, x0, prompts, generator, cfg, weight)
+            if reader is not None:  # the named outline in the clean estimate, where the noise leaves it open
+                keep = (~drop & (sigma >= cfg.train.shape_min_sigma) & (sigma <= cfg.train.shape_max_sigma)).float()
+                shape_loss = (reader.loss(clean, shape_maps[index]) * keep).sum() / keep.sum().clamp(min=1)
+                shape_losses.append(shape_loss.item())
+                loss = loss + cfg.train.shape_weight * shape_loss
             if layout is not None:  # where the noise hides the shapes, only the caption can tell them
                 keep = ~drop & (sigma >= cfg.train.layout_min_sigma)
                 layout_loss = layout.loss(layout_data[index].float(), keep.float())
                 layout_losses.append(layout_loss.item())
                 loss = loss + cfg.train.layout_weight * layout_loss
         else:
-            loss = _ddpm_loss(pipe, x0, prompts, generator)
+            loss = _ddpm_loss(pipe, x0, prompts, generator, weight)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg) * group["scale"]
         optimizer.zero_grad(set_to_none=True)
@@ -524,8 +623,10 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
                    **report}
             if layout_losses:
                 row["layout_loss"] = sum(layout_losses) / len(layout_losses)
+            if shape_losses:
+                row["shape_loss"] = sum(shape_losses) / len(shape_losses)
             history.append(row)
-            losses, layout_losses = [], []
+            losses, layout_losses, shape_losses = [], [], []
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f}, prompt gain {report['prompt_gain']:.3f}, "
