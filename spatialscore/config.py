@@ -246,9 +246,11 @@ class GeneratorTrainConfig:
     layout_weight: float = 0.0
     layout_layer: int = -1  # the block whose output the layout head reads (-1: the middle one)
     layout_min_sigma: float = 0.0  # the layout loss only at noise levels >= this (0.6: where the text must tell shapes)
-    # shapes_flow: weight of the shape loss, a frozen per-pixel shape classifier (fitted first, shape_reader_steps)
-    # run on the denoiser's clean-image estimate at noise levels in [shape_min_sigma, shape_max_sigma] (0 = off)
+    # shapes_flow: weights of the shape and colour losses, a frozen per-pixel shape and colour classifier (fitted
+    # first, shape_reader_steps) run on the denoiser's clean-image estimate at noise levels in
+    # [shape_min_sigma, shape_max_sigma] (0 = off)
     shape_weight: float = 0.0
+    colour_weight: float = 0.0
     shape_reader_steps: int = 600
     shape_min_sigma: float = 0.4
     shape_max_sigma: float = 0.9
@@ -270,9 +272,9 @@ class GeneratorTrainConfig:
         if self.foreground_weight < 1 or self.foreground_dilate < 0:
             raise SpatialScoreError(f"train: need foreground_weight >= 1 and foreground_dilate >= 0, got "
                                     f"{self.foreground_weight} and {self.foreground_dilate}")
-        if self.shape_weight < 0 or self.shape_reader_steps < 1:
-            raise SpatialScoreError(f"train: need shape_weight >= 0 and shape_reader_steps >= 1, got "
-                                    f"{self.shape_weight} and {self.shape_reader_steps}")
+        if self.shape_weight < 0 or self.colour_weight < 0 or self.shape_reader_steps < 1:
+            raise SpatialScoreError(f"train: need shape_weight >= 0, colour_weight >= 0 and shape_reader_steps >= 1, "
+                                    f"got {self.shape_weight}, {self.colour_weight} and {self.shape_reader_steps}")
         if not 0 <= self.shape_min_sigma <= self.shape_max_sigma <= 1:
             raise SpatialScoreError(f"train: need 0 <= shape_min_sigma <= shape_max_sigma <= 1, got "
                                     f"{self.shape_min_sigma} and {self.shape_max_sigma}")
@@ -299,8 +301,8 @@ class GeneratorConfig:
         if self.train.layout_weight and self.model.arch != "shapes_flow":
             raise SpatialScoreError(f"train.layout_weight: the layout head reads transformer blocks (model.arch "
                                     f"shapes_flow), not model.arch {self.model.arch}")
-        if self.train.shape_weight and self.model.arch != "shapes_flow":
-            raise SpatialScoreError(f"train.shape_weight: the shape loss reads a flow denoiser's clean-image estimate "
+        if (self.train.shape_weight or self.train.colour_weight) and self.model.arch != "shapes_flow":
+            raise SpatialScoreError(f"train.shape_weight / colour_weight: the reader's losses read a flow denoiser's clean-image estimate "
                                     f"(model.arch shapes_flow), not model.arch {self.model.arch}")
 
 

@@ -143,7 +143,8 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     recipe = root / ("base_unet.yaml" if space == "unet" else "base_flow.yaml")
     latents = ["model.latent_factor=4", "model.patch_size=2", "model.ae_width=8", "train.ae_steps=3"]
     space_overrides = {"latents": latents, "layout": [*latents, "train.layout_weight=0.5", "train.foreground_weight=5",
-                                                         "train.shape_weight=1", "train.shape_reader_steps=3"],
+                                                         "train.shape_weight=1", "train.colour_weight=1",
+                                                         "train.shape_reader_steps=3"],
                        "text": [*latents, "train.text_pretrain_steps=3", "train.text_lr_scale=0"],
                        "pixels": ["model.latent_factor=0", "model.patch_size=8", "model.prediction=x"],
                        "unet": ["model.ae_width=8", "model.unet_width=16", "train.ae_steps=3"]}[space]
@@ -169,7 +170,7 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["prompt_gain"]) for r in rows)
     if space == "layout":  # the training-only layout head and shape reader are logged, never saved with the pipeline
         assert all(math.isfinite(r["layout_loss"]) and r["layout_loss"] > 0 for r in rows)
-        assert all(math.isfinite(r["shape_loss"]) and 0 <= r["shape_reader_accuracy"] <= 1 for r in rows)
+        assert all(math.isfinite(r["shape_loss"]) and 0 <= r["colour_reader_accuracy"] <= 1 for r in rows)
         assert not any(k.startswith("net.") for k in a)
     else:
         assert not any("layout_loss" in r for r in rows)
@@ -388,9 +389,9 @@ def test_the_shape_reader_reads_the_outline_from_latents():
     d = cfg.data
     args = (d.n_train, d.seed, d.style, d.phrasing, 64, d.tag_weights)
     images, _ = captioned_images(*args, progress=False, object_scale=d.object_scale)
-    maps = captioned_labels(*args, progress=False, object_scale=d.object_scale)[:, 0]
+    maps = captioned_labels(*args, progress=False, object_scale=d.object_scale)
     reader, stats = fit_shape_reader(encode_dataset(pipe, images), maps, cfg, progress=False)
-    assert stats["shape_reader_accuracy"] > 0.8  # object pixels of scenes it was not fitted on
+    assert stats["shape_reader_accuracy"] > 0.8 and stats["colour_reader_accuracy"] > 0.9  # scenes it was not fitted on
     assert not any(p.requires_grad for p in reader.parameters())
 
     rng = random.Random(3)  # the same scene with another shape: the true outline reads better than the swapped one
@@ -399,13 +400,17 @@ def test_the_shape_reader_reads_the_outline_from_latents():
         meta = {"prompt": f"a red {shape}", "tag": "single_object",
                 "include": [{"class": shape, "count": 1, "color": "red"}]}
         scene = sample_scene(meta, rng, scale=1.5)
-        twin = copy.deepcopy(scene)
+        twin, recoloured = copy.deepcopy(scene), copy.deepcopy(scene)
         twin.objects[0].shape = other
-        latents = encode_dataset(pipe, torch.from_numpy(np.stack([np.asarray(render(s, 64)) for s in (scene, twin)])))
-        labels = torch.from_numpy(render_labels(scene, 64)[0])[None].expand(2, -1, -1)
-        losses = reader.loss(latents, labels)
-        right.append(losses[0].item())
-        swapped.append(losses[1].item())
+        blue = sample_scene({**meta, "include": [{"class": shape, "count": 1, "color": "blue"}]}, rng, scale=1.5)
+        recoloured.objects[0].color, recoloured.objects[0].rgb = "blue", blue.objects[0].rgb
+        latents = encode_dataset(pipe, torch.from_numpy(np.stack([np.asarray(render(s, 64))
+                                                                  for s in (scene, twin, recoloured)])))
+        labels = torch.from_numpy(render_labels(scene, 64))[None].expand(3, -1, -1, -1)
+        shape_ce, colour_ce = reader.loss(latents, labels)
+        right.append(shape_ce[0].item())
+        swapped.append(shape_ce[1].item())
+        assert colour_ce[0] < colour_ce[2]  # the named colour reads better than another
     assert sum(r < s for r, s in zip(right, swapped)) >= 7, (right, swapped)
 
 
@@ -413,8 +418,9 @@ def test_the_shape_loss_is_an_option_of_transformer_bases_only():
     from spatialscore.config import GeneratorConfig
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
-    with pytest.raises(SpatialScoreError, match="train.shape_weight.*shapes_unet"):
-        load_config(GeneratorConfig, root / "base_unet.yaml", ["train.shape_weight=1"])
+    for option in ("shape_weight", "colour_weight"):
+        with pytest.raises(SpatialScoreError, match="train.shape_weight / colour_weight.*shapes_unet"):
+            load_config(GeneratorConfig, root / "base_unet.yaml", [f"train.{option}=1"])
     with pytest.raises(SpatialScoreError, match="shape_min_sigma <= shape_max_sigma"):
         load_config(GeneratorConfig, root / "base_flow.yaml", ["train.shape_min_sigma=0.9", "train.shape_max_sigma=0.5"])
     with pytest.raises(SpatialScoreError, match="shape_weight >= 0"):

@@ -173,42 +173,47 @@ class LayoutHead(torch.nn.Module):
 
 class ShapeReader(torch.nn.Module):
     """Training-only: a small convolutional net that reads a clean latent grid [B, C, h, w] and predicts the shape
-    class of every pixel under it ([B, SHAPE_CLASSES, h * f, w * f] logits by sub-pixel convolution, f = image size
-    / grid). It is fitted first to the training set's latents and class maps, then frozen; the shape loss
-    (train.shape_weight) runs it on the denoiser's clean-image estimate, so the named outline is rewarded at the
-    denoiser's output, where the pixel loss alone hardly tells a circle from a square. Never saved with the
-    pipeline."""
+    and the colour class of every pixel under it (logits [B, SHAPE_CLASSES + COLOR_CLASSES, h * f, w * f] by
+    sub-pixel convolution, f = image size / grid). It is fitted first to the training set's latents and class maps,
+    then frozen; the shape and colour losses (train.shape_weight, train.colour_weight) run it on the denoiser's
+    clean-image estimate, so the named outline, and one pure colour per object, are rewarded at the denoiser's output,
+    where the pixel loss alone hardly tells a circle from a square or a blue object from one that fades into purple.
+    Never saved with the pipeline."""
 
-    def __init__(self, channels: int, factor: int, classes: int, width: int = 64, object_weight: float = 5.0):
+    def __init__(self, channels: int, factor: int, width: int = 64, object_weight: float = 5.0):
+        from spatialscore.data.render import COLOR_CLASSES, SHAPE_CLASSES
+
         super().__init__()
-        self.object_weight = object_weight
+        self.object_weight, self.split = object_weight, SHAPE_CLASSES
         self.net = torch.nn.Sequential(
             torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.SiLU(),
             torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
             torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(width, classes * factor * factor, 1), torch.nn.PixelShuffle(factor))
+            torch.nn.Conv2d(width, (SHAPE_CLASSES + COLOR_CLASSES) * factor * factor, 1),
+            torch.nn.PixelShuffle(factor))
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.net(latents.float())
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape logits, colour logits), each [B, classes, H, W]."""
+        logits = self.net(latents.float())
+        return logits[:, :self.split], logits[:, self.split:]
 
-    def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-sample cross-entropy [B] against the shape maps labels [B, H, W], object pixels weighted
-        `object_weight` times the background (which still counts: a square's corners drawn around a circle are
-        wrong)."""
-        ce = torch.nn.functional.cross_entropy(self(latents), labels.long(), reduction="none")
-        weight = 1 + (self.object_weight - 1) * (labels > 0).float()
-        return (ce * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)
+    def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample cross-entropies (shape [B], colour [B]) against class maps labels [B, 2, H, W] (render_labels:
+        shape, colour), object pixels weighted `object_weight` times the background, which still counts: a square's
+        corners drawn around a circle are wrong. Signs have no colour class; their pixels count as background there."""
+        weight = 1 + (self.object_weight - 1) * (labels[:, 0] > 0).float()
+        total = weight.flatten(1).sum(1)
+        return tuple((torch.nn.functional.cross_entropy(logits, target.long(), reduction="none") * weight)
+                     .flatten(1).sum(1) / total for logits, target in zip(self(latents), labels.unbind(1)))
 
 
-def fit_shape_reader(data: torch.Tensor, shape_maps: torch.Tensor, cfg: GeneratorConfig,
+def fit_shape_reader(data: torch.Tensor, maps: torch.Tensor, cfg: GeneratorConfig,
                      progress: bool = True) -> tuple[ShapeReader, dict]:
-    """Fit a `ShapeReader` to clean latents `data` [N, C, h, w] and their shape maps uint8 [N, H, W]
+    """Fit a `ShapeReader` to clean latents `data` [N, C, h, w] and their class maps uint8 [N, 2, H, W]
     (train.shape_reader_steps of Adam, batch 64, latents jittered by N(0, 0.1) so it reads shapes, not exact codes),
-    then freeze it. Returns it and its pixel accuracy on object pixels of a held-back slice."""
-    from spatialscore.data.render import SHAPE_CLASSES
-
+    then freeze it. Returns it and its accuracies on the object pixels of a slice it was not fitted on."""
     torch.manual_seed(cfg.train.seed + 17)
-    reader = ShapeReader(data.shape[1], shape_maps.shape[-1] // data.shape[-1], SHAPE_CLASSES)
+    reader = ShapeReader(data.shape[1], maps.shape[-1] // data.shape[-1])
     optimizer = torch.optim.Adam(reader.parameters(), lr=2e-3)
     held = min(512, len(data) // 10)
     generator = torch.Generator().manual_seed(cfg.train.seed + 17)
@@ -216,17 +221,17 @@ def fit_shape_reader(data: torch.Tensor, shape_maps: torch.Tensor, cfg: Generato
     for _ in bar:
         index = held + torch.randint(len(data) - held, (64,), generator=generator)
         x = data[index] + 0.1 * torch.randn(data[index].shape, generator=generator)
-        loss = reader.loss(x, shape_maps[index]).mean()
+        loss = sum(part.mean() for part in reader.loss(x, maps[index]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     reader.eval().requires_grad_(False)
     with torch.no_grad():
-        predicted = reader(data[:held]).argmax(1)
-        objects = shape_maps[:held] > 0
-        accuracy = (predicted == shape_maps[:held].long())[objects].float().mean().item()
-    return reader, {"shape_reader_accuracy": accuracy}
+        objects = maps[:held, 0] > 0
+        accuracy = [(logits.argmax(1) == target.long())[objects].float().mean().item()
+                    for logits, target in zip(reader(data[:held]), maps[:held].unbind(1))]
+    return reader, {"shape_reader_accuracy": accuracy[0], "colour_reader_accuracy": accuracy[1]}
 
 
 def layout_targets(labels: torch.Tensor, grid: int) -> torch.Tensor:
@@ -545,15 +550,16 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
         del labels
         trained.append(layout)
     reader = None
-    if cfg.train.shape_weight:
+    if cfg.train.shape_weight or cfg.train.colour_weight:
         from spatialscore.data.tensors import captioned_labels
 
-        shape_maps = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
+        class_maps = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
                                       cfg.model.image_size, cfg.data.tag_weights, progress=progress,
-                                      object_scale=cfg.data.object_scale)[:, 0].contiguous()
-        reader, reader_stats = fit_shape_reader(data, shape_maps, cfg, progress)  # from (seed): the same on resume
+                                      object_scale=cfg.data.object_scale)
+        reader, reader_stats = fit_shape_reader(data, class_maps, cfg, progress)  # from (seed): the same on resume
         stats |= reader_stats
-        tqdm.write(f"shape reader fitted: object-pixel accuracy {reader_stats['shape_reader_accuracy']:.3f}")
+        tqdm.write(f"shape reader fitted: object-pixel accuracy {reader_stats['shape_reader_accuracy']:.3f} (shape), "
+                   f"{reader_stats['colour_reader_accuracy']:.3f} (colour)")
     modules = torch.nn.ModuleList(trained)
     ema = copy.deepcopy(modules).requires_grad_(False)
     if layout is not None:
@@ -592,9 +598,11 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
             loss, sigma, clean = _flow_loss(pipe, x0, prompts, generator, cfg, weight)
             if reader is not None:  # the named outline in the clean estimate, where the noise leaves it open
                 keep = (~drop & (sigma >= cfg.train.shape_min_sigma) & (sigma <= cfg.train.shape_max_sigma)).float()
-                shape_loss = (reader.loss(clean, shape_maps[index]) * keep).sum() / keep.sum().clamp(min=1)
+                shape_ce, colour_ce = reader.loss(clean, class_maps[index])
+                shape_loss = ((cfg.train.shape_weight * shape_ce + cfg.train.colour_weight * colour_ce) * keep).sum()
+                shape_loss = shape_loss / keep.sum().clamp(min=1)
                 shape_losses.append(shape_loss.item())
-                loss = loss + cfg.train.shape_weight * shape_loss
+                loss = loss + shape_loss
             if layout is not None:  # where the noise hides the shapes, only the caption can tell them
                 keep = ~drop & (sigma >= cfg.train.layout_min_sigma)
                 layout_loss = layout.loss(layout_data[index].float(), keep.float())
