@@ -168,6 +168,7 @@ def test_base_generator_training_resumes_exactly(tmp_path, space):
     assert images.shape == (1, 3, 32, 32)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and all(math.isfinite(r["prompt_gain"]) for r in rows)
+    assert all(math.isfinite(r["shape_word_gain"]) and math.isfinite(r["shape_word_gain_high"]) for r in rows)
     if space == "layout":  # the training-only layout head and shape reader are logged, never saved with the pipeline
         assert all(math.isfinite(r["layout_loss"]) and r["layout_loss"] > 0 for r in rows)
         assert all(math.isfinite(r["shape_loss"]) and 0 <= r["colour_reader_accuracy"] <= 1 for r in rows)
@@ -334,6 +335,7 @@ def test_shape_word_pairs_differ_only_in_the_shape_and_the_gain_measures_the_wor
     same[1::2] = same[0::2]
     assert shape_word_gain(pipe, latents, same) == 0.0  # the same words: the same estimate
     gain = shape_word_gain(pipe, latents, prompts)
+    assert shape_word_gain(pipe, latents, same, noise_level=0.85) == 0.0
     assert 0.0 < gain < 1.0
 
 
