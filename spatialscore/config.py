@@ -302,8 +302,8 @@ class GeneratorConfig:
             raise SpatialScoreError(f"train.layout_weight: the layout head reads transformer blocks (model.arch "
                                     f"shapes_flow), not model.arch {self.model.arch}")
         if (self.train.shape_weight or self.train.colour_weight) and self.model.arch != "shapes_flow":
-            raise SpatialScoreError(f"train.shape_weight / colour_weight: the reader's losses read a flow denoiser's clean-image estimate "
-                                    f"(model.arch shapes_flow), not model.arch {self.model.arch}")
+            raise SpatialScoreError(f"train.shape_weight / colour_weight: the reader's losses read a flow denoiser's "
+                                    f"clean-image estimate (model.arch shapes_flow), not model.arch {self.model.arch}")
 
 
 @dataclass

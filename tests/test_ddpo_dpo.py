@@ -424,6 +424,7 @@ def test_the_shape_loss_is_an_option_of_transformer_bases_only():
         with pytest.raises(SpatialScoreError, match="train.shape_weight / colour_weight.*shapes_unet"):
             load_config(GeneratorConfig, root / "base_unet.yaml", [f"train.{option}=1"])
     with pytest.raises(SpatialScoreError, match="shape_min_sigma <= shape_max_sigma"):
-        load_config(GeneratorConfig, root / "base_flow.yaml", ["train.shape_min_sigma=0.9", "train.shape_max_sigma=0.5"])
+        load_config(GeneratorConfig, root / "base_flow.yaml",
+                    ["train.shape_min_sigma=0.9", "train.shape_max_sigma=0.5"])
     with pytest.raises(SpatialScoreError, match="shape_weight >= 0"):
         load_config(GeneratorConfig, root / "base_flow.yaml", ["train.shape_weight=-1"])

@@ -85,13 +85,19 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: GeneratorConfig, progress:
     return {"ae_loss": sum(losses[-100:]) / len(losses[-100:])}
 
 
-def _foreground_weight(x: torch.Tensor, foreground: float) -> torch.Tensor:
-    """[B, 1, H, W]: `foreground` where a pixel differs from the image's background (the median colour of its
-    border), 1 elsewhere. Objects cover a few percent of a shapes-world image; unweighted, the reconstruction loss
-    is mostly background and the autoencoder learns objects (their colours above all) many times slower."""
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, H, W]: the pixels of images x [B, 3, H, W] in [0, 1] that differ from the image's background (the
+    median colour of its border) by more than faint anti-aliasing."""
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
     background = border.median(dim=-1).values[..., None, None]
-    return 1 + (foreground - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+    return (x - background).abs().amax(1, keepdim=True) > 0.05
+
+
+def _foreground_weight(x: torch.Tensor, foreground: float) -> torch.Tensor:
+    """[B, 1, H, W]: `foreground` on object pixels (`_foreground`), 1 elsewhere. Objects cover a few percent of a
+    shapes-world image; unweighted, the reconstruction loss is mostly background and the autoencoder learns objects
+    (their colours above all) many times slower."""
+    return 1 + (foreground - 1) * _foreground(x).float()
 
 
 @torch.no_grad()
@@ -337,7 +343,7 @@ def foreground_cells(images: torch.Tensor, grid: int, dilate: int = 1, batch: in
     (a square's corners around a circle) also counts."""
     out = []
     for start in range(0, len(images), batch):
-        mask = _foreground_weight(_pixels(images[start:start + batch]), 2.0) - 1
+        mask = _foreground(_pixels(images[start:start + batch])).float()
         cells = torch.nn.functional.adaptive_max_pool2d(mask, grid)
         if dilate:
             cells = torch.nn.functional.max_pool2d(cells, 2 * dilate + 1, stride=1, padding=dilate)
@@ -539,27 +545,26 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
                    f"exactly from the pooled embedding for {stats['text_exact']:.3f} of them")
     trained = [_denoiser(pipe), pipe.text_encoder]
     layout = None
-    if cfg.train.layout_weight:
-        from spatialscore.data.tensors import captioned_labels
-
-        grid = pipe.latent_shape[1] // pipe.transformer.config.patch_size
-        labels = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
-                                  cfg.model.image_size, cfg.data.tag_weights, progress=progress,
-                                  object_scale=cfg.data.object_scale)
-        (layout, block), layout_data = _layout_head(pipe, cfg), layout_targets(labels, grid)
-        del labels
-        trained.append(layout)
-    reader = None
-    if cfg.train.shape_weight or cfg.train.colour_weight:
+    read_maps = bool(cfg.train.shape_weight or cfg.train.colour_weight)
+    class_maps = None
+    if cfg.train.layout_weight or read_maps:  # the exact class maps of the training scenes, read once
         from spatialscore.data.tensors import captioned_labels
 
         class_maps = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
                                       cfg.model.image_size, cfg.data.tag_weights, progress=progress,
                                       object_scale=cfg.data.object_scale)
+    if cfg.train.layout_weight:
+        grid = pipe.latent_shape[1] // pipe.transformer.config.patch_size
+        (layout, block), layout_data = _layout_head(pipe, cfg), layout_targets(class_maps, grid)
+        trained.append(layout)
+    reader = None
+    if read_maps:
         reader, reader_stats = fit_shape_reader(data, class_maps, cfg, progress)  # from (seed): the same on resume
         stats |= reader_stats
         tqdm.write(f"shape reader fitted: object-pixel accuracy {reader_stats['shape_reader_accuracy']:.3f} (shape), "
                    f"{reader_stats['colour_reader_accuracy']:.3f} (colour)")
+    else:
+        class_maps = None  # only the layout targets were needed
     modules = torch.nn.ModuleList(trained)
     ema = copy.deepcopy(modules).requires_grad_(False)
     if layout is not None:
