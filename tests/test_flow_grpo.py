@@ -331,10 +331,18 @@ def test_the_shipped_flow_base_loads_and_samples_as_its_card_says():
     pipe = load_pipeline_dir(zoo, "model.pipeline", FLOW_PIPELINES, "test")
     assert type(pipe).__name__ == "ShapesFlowPipeline" and pipe.transformer.dtype == torch.float32
     assert sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file()) < 20 * 2**20
-    trained = yaml.safe_load((zoo / "training-config.yaml").read_text())
-    assert trained["data"]["object_scale"] == 1.5 and trained["train"]["steps"] == 6000
-    rows = [json.loads(line) for line in (zoo / "training-metrics.jsonl").read_text().splitlines()]
+    stage1 = yaml.safe_load((zoo / "stage1-training-config.yaml").read_text())
+    assert stage1["data"]["object_scale"] == 1.5 and stage1["train"]["steps"] == 6000
+    rows = [json.loads(line) for line in (zoo / "stage1-training-metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6000 and rows[-1]["ae_oracle"] > 0.9
+    # stage 2 continued stage 1 with the shape and colour reader's losses, as recipes/shapes/base_flow_continue.yaml
+    trained = yaml.safe_load((zoo / "training-config.yaml").read_text())
+    recipe = yaml.safe_load((zoo.parents[2] / "recipes" / "shapes" / "base_flow_continue.yaml").read_text())
+    assert trained["model"]["init"] == recipe["model"]["init"] == "runs/base-flow/final"
+    for key in ("steps", "shape_weight", "colour_weight", "lr", "batch_size"):
+        assert trained["train"][key] == recipe["train"][key], key
+    rows = [json.loads(line) for line in (zoo / "training-metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 18000 and rows[-1]["shape_word_gain"] > 0.1
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
     images = pipe(["a red circle", "a blue square left of a green star"], num_inference_steps=4, latents=noise,
