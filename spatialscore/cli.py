@@ -83,7 +83,7 @@ def cmd_make_pairs(args) -> int:
     recipe, overrides = _recipe_and_overrides(args)
     cfg = load_config(PairsConfig, recipe, [*overrides, *flags])
     out = Path(args.out) if args.out else _default_out("pairs")
-    spec = PairSpec(cfg.seed, cfg.style, cfg.phrasing, cfg.image_size, cfg.multi_prob)
+    spec = PairSpec(cfg.seed, cfg.style, cfg.phrasing, cfg.image_size, cfg.multi_prob, rough=cfg.rough)
     start = time.perf_counter()
     path = make_pairs(out, cfg.n, spec, workers=cfg.workers or None)
     save_config(cfg, out)

@@ -53,6 +53,7 @@ class PairsConfig:
     phrasing: str = "train"  # train | heldout | all: which template set words the prompts
     image_size: int = 128
     multi_prob: float = 0.5  # share of pairs with 2-3 perturbations instead of one
+    rough: float = 0.0  # share of pairs drawn by the rough, generator-like renderer (data/augment.py)
     workers: int = 0  # 0: one per core
 
     def __post_init__(self):
@@ -62,6 +63,7 @@ class PairsConfig:
         _one_of("phrasing", self.phrasing, PHRASINGS)
         if self.n < 1 or self.image_size < 16 or not 0 <= self.multi_prob <= 1 or self.workers < 0:
             raise SpatialScoreError("pairs config: need n >= 1, image_size >= 16, 0 <= multi_prob <= 1, workers >= 0")
+        _check_share("rough", self.rough)
 
 
 @dataclass
@@ -116,9 +118,11 @@ class RewardDataConfig:
     style: str = "mixed"
     phrasing: str = "all"
     tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {position: 3, long: 3}
+    rough: float = 0.0  # generated training pairs: share drawn rough, like a generator's images (data/augment.py)
 
     def __post_init__(self):
         _check_tags("data", self.style, self.phrasing, self.tag_weights)
+        _check_share("data.rough", self.rough)
 
 
 @dataclass
@@ -154,6 +158,11 @@ class RewardConfig:
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))
+
+
+def _check_share(field: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise SpatialScoreError(f"{field} must be a share in [0, 1], got {value}")
 
 
 def _check_tags(field: str, style: str, phrasing: str, tag_weights: dict[str, float]) -> None:
@@ -400,6 +409,7 @@ class GrpoTrainConfig:
     eval_every: int = 10
     save_every: int = 10
     save_merged: bool = True  # final/pipeline: the base with LoRA merged (small models); final/lora always
+    log_train_oracle: bool = True  # log the oracle's pass rate on the training samples (shapes-world prompts)
     hacking_tolerance: float = 0.05  # oracle drop (vs. the base) that, with a rising reward, flags reward hacking
     per_prompt: bool = True  # DDPO: standardise by each prompt's own reward history
     buffer_size: int = 32  # DDPO: rewards kept per prompt

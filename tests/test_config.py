@@ -31,6 +31,8 @@ def test_wrong_type_and_bad_values():
         load_config(PairsConfig, None, ["n=many"])
     with pytest.raises(SpatialScoreError, match=r"style: 'tiny' is not one of"):
         load_config(PairsConfig, None, ["style=tiny"])
+    with pytest.raises(SpatialScoreError, match=r"data.rough must be a share in \[0, 1\], got 1.5"):
+        load_config(RewardConfig, None, ["data.rough=1.5"])
 
 
 @pytest.mark.parametrize("bad", ["seed", "=3", "seed 3", "9x=1"])

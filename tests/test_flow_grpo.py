@@ -150,6 +150,7 @@ def test_the_trainer_reports_ratio_one_on_the_first_inner_step_for_every_trained
     for row in rows:
         assert sorted(row["timesteps"]) == [0, 1, 2, 3]
         assert row["first_step_ratio_dev"] < 1e-4
+        assert 0.0 <= row["oracle_train"] <= 1.0  # the oracle on the training samples (shapes-world prompts)
     assert result["world_size"] == 1 and result["base"]["iteration"] == 0
     assert (tmp_path / "run" / "final" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "run" / "final" / "lora" / "adapter_model.safetensors").is_file()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from spatialscore.data.augment import rough
 from spatialscore.data.perturb import applicable, make_rejected
 from spatialscore.data.prompts import PromptWriter
 from spatialscore.data.render import render
@@ -49,6 +50,7 @@ class PairSpec:
     image_size: int = 128
     multi_prob: float = 0.5  # share of pairs with 2-3 perturbations instead of 1
     tag_weights: tuple[tuple[str, float], ...] = ()  # prompt tags' relative frequencies (missing: 1)
+    rough: float = 0.0  # share of pairs drawn by the rough, generator-like renderer (data/augment.py)
 
 
 def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
@@ -70,6 +72,9 @@ def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
                 record = {"id": f"{index:06d}", "prompt": meta["prompt"],
                           "perturbation": {"kinds": kinds, "n": len(kinds)},
                           "meta": {**meta, "scenes": {"chosen": chosen.to_dict(), "rejected": rejected.to_dict()}}}
+                if spec.rough > 0 and rng.random() < spec.rough:  # both images of the pair, each its own warp
+                    record["rough"] = True
+                    return record, rough(chosen, spec.image_size, rng), rough(rejected, spec.image_size, rng)
                 return record, render(chosen, spec.image_size), render(rejected, spec.image_size)
 
 

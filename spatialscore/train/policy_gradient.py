@@ -322,6 +322,17 @@ def evaluate_policy(policy, reward, size, records: list[dict], cfg: GrpoConfig, 
     return result, images
 
 
+def _train_oracle(images: torch.Tensor, records: list[dict], accelerator) -> float | None:
+    """The oracle's pass rate on this iteration's training samples, over all processes (shapes-world prompts only):
+    whether the optimised reward and the truth move together while training, between the held-out evaluations."""
+    from spatialscore.eval.generation import oracle_accuracy
+
+    judged = [k for k, r in enumerate(records) if _judgeable(r)]
+    passed = oracle_accuracy(images[judged], [records[k] for k in judged])["passed"] if judged else []
+    totals = accelerator.reduce(torch.tensor([float(sum(passed)), float(len(passed))]), "sum")
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
 def hacking_check(report: dict, base: dict, tolerance: float) -> bool:
     """Reward hacking: the optimised reward rose above the base's while the oracle fell by more than `tolerance`."""
     if "oracle_accuracy" not in report or "oracle_accuracy" not in base:
@@ -544,6 +555,7 @@ def train_policy(cfg: GrpoConfig, out: Path, algorithm: Algorithm, resume: str |
         sampled = time.perf_counter()
         rewards = score_images(reward, traj.images, expanded, size)
         scored = time.perf_counter()
+        oracle_train = _train_oracle(traj.images, expanded, accelerator) if t.log_train_oracle else None
         filled, finite = _fill_non_finite(rewards, s.group_size)
         if not finite.all():
             counters["non_finite_rewards"] += int((~finite).sum())
@@ -612,6 +624,8 @@ def train_policy(cfg: GrpoConfig, out: Path, algorithm: Algorithm, resume: str |
                    "trained_samples": len(selected), "timesteps": timesteps, **counters,
                    "seconds_sample": sampled - clock, "seconds_reward": scored - sampled,
                    "seconds_train": trained - scored}
+        if oracle_train is not None:
+            metrics["oracle_train"] = oracle_train
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
         if done % t.eval_every == 0 or done == t.iterations:

@@ -88,7 +88,8 @@ def load_data(cfg: RewardConfig, split: str, progress: bool) -> PairTensors:
     dense = split == "train" and cfg.train.aux_weight > 0 and cfg.model.arch == "relation"
     return generated_pairs(n, seed, cfg.data.style, cfg.data.phrasing, cfg.model.image_size,
                            target_grid=cfg.model.grid if dense else 0,
-                           tag_weights=dict(cfg.data.tag_weights) if split == "train" else None, progress=progress)
+                           tag_weights=dict(cfg.data.tag_weights) if split == "train" else None, progress=progress,
+                           rough=cfg.data.rough if split == "train" else 0.0)
 
 
 def _both_targets(data: PairTensors, index: torch.Tensor, device) -> dict[str, torch.Tensor] | None:
