@@ -172,7 +172,7 @@ def test_class_maps_match_the_cached_training_images(tmp_path, monkeypatch):
 
 def test_the_rough_renderer_keeps_each_object_where_the_scene_puts_it():
     """Lumpy outlines, a tint and noise, but the layout a pair's label depends on stays: each object's foreground
-    centroid stays within 0.03 of the side of where the clean render draws it, and the same rng state gives the same pixels."""
+    centroid stays within 0.03 of the side of where the clean render draws it; the same rng state, the same pixels."""
     from spatialscore.data.augment import rough
 
     rng = random.Random(0)

@@ -5,7 +5,7 @@ A generator trained on the shapes world outputs low-resolution images with soft,
 backgrounds and sensor-like noise. A reward model trained only on crisp renders ranks such images close to chance
 even when it ranks clean pairs perfectly (the pair's meaning is in its layout, which these changes keep). `rough`
 draws a scene at a random lower resolution, warps it with a smooth random displacement field (lumpy outlines that
-keep each object where it was), shifts the background and adds noise; everything random comes from `rng`, so a pair
+keep each object where it was), tints the whole image and adds noise; everything random comes from `rng`, so a pair
 index always yields the same pixels. The displacement is small next to the relation margin faithful scenes keep
 (scene.RELATION_MARGIN), so a faithful scene stays faithful and a perturbed one stays wrong.
 """
@@ -42,7 +42,7 @@ def smooth_warp(image: np.ndarray, rng: random.Random, std: float = WARP_STD, gr
 
 
 def rough(scene: Scene, size: int, rng: random.Random) -> Image.Image:
-    """`scene` drawn rough at `size` px: a random lower draw resolution, a smooth warp, a background tint and noise."""
+    """`scene` drawn rough at `size` px: a random lower draw resolution, a smooth warp, a colour tint and noise."""
     draw = min(rng.choice(DRAW_SIZES), size)
     image = np.asarray(render(scene, draw).resize((size, size), Image.BILINEAR))
     image = smooth_warp(image, rng, std=WARP_STD * rng.uniform(0.5, 1.5))
