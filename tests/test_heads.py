@@ -67,6 +67,31 @@ def test_oracle_head_prefers_chosen_over_rejected():
     assert (c.scores > r.scores).all()
 
 
+def test_oracle_dense_position_grades_relations():
+    from spatialscore.data.clauses import Detection
+
+    meta = {"include": [{"class": "circle", "color": "red", "count": 1},
+                        {"class": "square", "color": "blue", "count": 1, "position": ["left of", 0]}]}
+    red = Detection("circle", "red", (40, 40, 50, 50))
+    dense = get_head("oracle", dense_position=True)
+
+    def score(square_x: float) -> float:
+        return dense.judge([red, Detection("square", "blue", (square_x, 40, square_x + 10, 50))], meta)[0]
+
+    # the blue square moving from beside the circle to well left of it: the score rises without a step where the
+    # relation starts to hold; on the wrong side it is flat at the presence clauses' share
+    scores = [score(x) for x in (45, 30, 20, 5)]
+    assert scores == sorted(scores) and len(set(scores)) == len(scores)
+    assert score(60) == scores[0] == 1 / 3 and scores[-1] < 1.0
+    assert dense.judge([red, Detection("square", "blue", (20, 40, 30, 50))], meta)[1] == {"passed": 1.0}
+    missing, extras = dense.judge([red], meta)  # the square missing: below any layout with both objects
+    assert missing < scores[0] and extras == {"passed": 0.0}
+    binary = get_head("oracle")  # the default: a failed relation is failed, however near it came
+    near, far = ([red, Detection("square", "blue", box)] for box in ((30, 10, 40, 20), (60, 40, 70, 50)))
+    # near: up and to the left, more above than left of the circle (margin -0.25); far: to its right
+    assert binary.judge(near, meta) == binary.judge(far, meta) and dense.judge(near, meta) > dense.judge(far, meta)
+
+
 def test_counting_text_binding_values():
     assert edit_distance("HELLO", "HELO") == 1 and edit_distance("", "ABC") == 3
     assert text_similarity("hello", "HELIO") == pytest.approx(0.8)

@@ -58,12 +58,28 @@ class _DetectingHead(RewardHead):
 
 @register_head("oracle")
 class OracleHead(_DetectingHead):
-    """Shapes world only: share of the prompt's clauses the image satisfies (extras: passed = all of them)."""
+    """Shapes world only: share of the prompt's clauses the image satisfies (extras: passed = all of them).
+
+    `dense_position=True` grades relations instead of passing or failing them, for policy-gradient RL: a binary
+    clause gives no signal between two wrong layouts, and most of a weak base's layouts are wrong. Each position
+    clause whose objects are found scores 1 + clamp(2 * margin, -1, 1), in [0, 2] (margin: how far beyond
+    GenEval's 0.5 offset threshold the weakest pair is, negative when the relation fails; 0 when an object is
+    missing), the other clauses their share in [0, 1]; the sum is divided by 1 + 2 * (number of position clauses),
+    so the score stays in [0, 1]. `passed` is unchanged."""
+
+    def __init__(self, dense_position: bool = False):
+        self.dense_position = bool(dense_position)
 
     def judge(self, detections, meta):
         verdict = evaluate(meta, detections)
-        share = sum(c.passed for c in verdict.clauses) / max(len(verdict.clauses), 1)
-        return share, {"passed": float(verdict.passed)}
+        if not self.dense_position:
+            share = sum(c.passed for c in verdict.clauses) / max(len(verdict.clauses), 1)
+            return share, {"passed": float(verdict.passed)}
+        positions = [c for c in verdict.clauses if c.kind == "position"]
+        others = [c.passed for c in verdict.clauses if c.kind != "position"]
+        graded = sum(0.0 if c.margin is None else 1.0 + max(-1.0, min(1.0, 2.0 * c.margin)) for c in positions)
+        score = (sum(others) / max(len(others), 1) + graded) / (1 + 2 * len(positions))
+        return score, {"passed": float(verdict.passed)}
 
 
 def count_reward(found: list[int], asked: list[int]) -> float:
