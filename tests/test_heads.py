@@ -78,8 +78,8 @@ def test_oracle_dense_position_grades_relations():
     def score(square_x: float) -> float:
         return dense.judge([red, Detection("square", "blue", (square_x, 40, square_x + 10, 50))], meta)[0]
 
-    # the blue square moving from beside the circle to well left of it: the score rises without a step where the
-    # relation starts to hold; on the wrong side it is flat at the presence clauses' share
+    # the blue square moving from beside the circle to well left of it: the score keeps rising with the margin
+    # after the relation holds; on the wrong side it is flat at the presence clauses' share
     scores = [score(x) for x in (45, 30, 20, 5)]
     assert scores == sorted(scores) and len(set(scores)) == len(scores)
     assert score(60) == scores[0] == 1 / 3 and scores[-1] < 1.0
