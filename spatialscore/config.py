@@ -329,6 +329,10 @@ class PolicyModelConfig:
     lora_target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                  "to_add_out"])
+    # only the blocks with these indices of lora_layers_pattern get the LoRA (peft's layers_to_transform; None:
+    # every block), e.g. FLUX's double-stream blocks without its single-stream ones
+    lora_layers: list[int] | None = None
+    lora_layers_pattern: str = "transformer_blocks"  # the module list lora_layers indexes (SD1.5: e.g. up_blocks)
     precision: str = "fp32"  # fp32 | bf16 (the frozen weights; LoRA trains in fp32)
 
     def __post_init__(self):
@@ -337,6 +341,9 @@ class PolicyModelConfig:
         _one_of("model.precision", self.precision, ("fp32", "bf16"))
         if self.lora_r < 1:
             raise SpatialScoreError(f"model.lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_layers is not None and (not self.lora_layers or min(self.lora_layers) < 0):
+            raise SpatialScoreError(f"model.lora_layers: need a non-empty list of block indices >= 0 (or null for "
+                                    f"every block), got {list(self.lora_layers)}")
 
     def check_source(self) -> None:
         """Exactly one of a pipeline directory and a tiny architecture (checked by the enclosing config, since the
@@ -476,9 +483,12 @@ class DpoDataConfig:
     style: str = "short"
     phrasing: str = "train"
     tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    object_scale: float = 1.0  # generated pairs: objects' sizes times this (the base's own data.object_scale)
 
     def __post_init__(self):
         _check_tags("data", self.style, self.phrasing, self.tag_weights)
+        if not 0.5 <= self.object_scale <= 2.5:
+            raise SpatialScoreError(f"data.object_scale must be in [0.5, 2.5], got {self.object_scale}")
 
 
 @dataclass

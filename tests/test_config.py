@@ -91,8 +91,8 @@ def test_every_shipped_recipe_validates_and_runs_tiny(name, tmp_path, monkeypatc
         tiny = ["data.n_train=8", "data.eval_n=2", "train.steps=2", "train.batch_size=2", "train.eval_every=2",
                 "train.sample_steps=2", "model.image_size=32", "model.layers=1", "model.heads=2", "model.head_dim=16",
                 "model.text_dim=32", "model.text_layers=1"]
-        if cfg.model.init:  # a continuation stage: its first stage, tiny, gives the weights it starts from
-            first = find_recipe(name.replace("_continue", ""))
+        if cfg.model.init:  # a continuation stage: a tiny first stage (base_flow) gives the weights it starts from
+            first = find_recipe("shapes/base_flow")
             train_generator(load_config(schema, first, tiny + ["train.ae_steps=2"]), tmp_path / "stage1",
                             progress=False)
             tiny += [f"model.init={tmp_path / 'stage1' / 'final'}", "train.shape_reader_steps=2"]

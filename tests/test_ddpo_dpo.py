@@ -96,6 +96,28 @@ def test_dpo_moves_the_model_towards_the_chosen_images(tmp_path):
     assert last["implicit_accuracy"] >= 0.5
 
 
+def test_dpo_pairs_are_drawn_at_the_bases_object_scale(tmp_path, monkeypatch):
+    """data.object_scale draws the generated pairs' objects that much larger (a base trained on 1.5x objects is
+    tuned on what it draws), cached apart from the world-size pairs."""
+    from spatialscore.train.diffusion_dpo import load_pairs
+
+    monkeypatch.setenv("SPATIALSCORE_CACHE", str(tmp_path))
+    ink = {}
+    for scale in (1.0, 1.5):
+        cfg = load_config(DpoConfig, None, [*DPO, "data.n_train=24", f"data.object_scale={scale}"])
+        pairs = load_pairs(cfg, 64, progress=False)
+        assert pairs.chosen.shape[0] == 24
+        ink[scale] = pairs
+
+    def covered(images):  # share of pixels that differ from the image's corner (background) colour
+        images = torch.as_tensor(np.asarray(images)).float()
+        return (images != images[:, :1, :1]).any(-1).float().mean().item()
+    assert covered(ink[1.5].chosen) > 1.8 * covered(ink[1.0].chosen)
+    assert len(list(tmp_path.glob("pairs-*"))) == 2
+    with pytest.raises(SpatialScoreError, match="data.object_scale"):
+        load_config(DpoConfig, None, [*DPO, "data.object_scale=3"])
+
+
 @pytest.mark.parametrize("arch", ["shapes_flow", "sd15"])
 def test_dpo_resume_is_exact(tmp_path, arch):
     overrides = [*DPO, f"model.tiny={arch}", "model.image_size=32", "train.steps=4", "train.save_every=2"]

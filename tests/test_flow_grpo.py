@@ -3,6 +3,7 @@ resume, non-finite rewards, bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -73,6 +74,25 @@ def _policy_with_lora(guidance: float = 1.0):
     policy = policy_for(pipe, guidance)
     policy.denoiser = peft
     return pipe, peft, policy
+
+
+def test_lora_layers_puts_the_adapter_on_the_chosen_blocks_only():
+    """model.lora_layers=[0] on FLUX: LoRA on transformer_blocks.0's target modules and not on
+    single_transformer_blocks.0 (peft's layers_to_transform, the pattern anchored at a module boundary); an index
+    the denoiser lacks, or a pattern that names no block, is refused with the field's name."""
+    transformer = tiny_pipeline("flux").transformer
+    everywhere = {n.split(".lora_")[0] for n, p in add_lora(copy.deepcopy(transformer), _cfg()).named_parameters()
+                  if p.requires_grad}
+    assert any(n.startswith("base_model.model.single_transformer_blocks.0.") for n in everywhere)
+    adapted = {n.split(".lora_")[0] for n, p in add_lora(copy.deepcopy(transformer), _cfg("model.lora_layers=[0]"))
+               .named_parameters() if p.requires_grad}
+    assert adapted and adapted == {n for n in everywhere if n.startswith("base_model.model.transformer_blocks.0.")}
+    with pytest.raises(SpatialScoreError, match=r"model.lora_layers: .* no block \[1\]"):
+        add_lora(copy.deepcopy(transformer), _cfg("model.lora_layers=[0,1]"))
+    with pytest.raises(SpatialScoreError, match="model.lora_layers_pattern"):
+        add_lora(copy.deepcopy(transformer), _cfg("model.lora_layers=[0]", "model.lora_layers_pattern=down_blocks"))
+    with pytest.raises(SpatialScoreError, match="model.lora_layers"):
+        _cfg("model.lora_layers=[]")
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

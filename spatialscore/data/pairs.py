@@ -51,6 +51,7 @@ class PairSpec:
     multi_prob: float = 0.5  # share of pairs with 2-3 perturbations instead of 1
     tag_weights: tuple[tuple[str, float], ...] = ()  # prompt tags' relative frequencies (missing: 1)
     rough: float = 0.0  # share of pairs drawn by the rough, generator-like renderer (data/augment.py)
+    object_scale: float = 1.0  # objects' sizes times this (a generator trained at data.object_scale sees its own)
 
 
 def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
@@ -60,7 +61,7 @@ def make_pair(index: int, spec: PairSpec) -> tuple[dict, object, object]:
     while True:
         meta = writer.sample(spec.style, dict(spec.tag_weights))
         try:
-            chosen = sample_scene(meta, rng, tries=50)
+            chosen = sample_scene(meta, rng, tries=50, scale=spec.object_scale)
         except SpatialScoreError:  # a layout too crowded to place with clear margins: take the next prompt
             continue
         kinds_ok = applicable(meta)

@@ -158,13 +158,15 @@ def captioned_labels(n: int, seed: int, style: str, phrasing: str, image_size: i
 
 def generated_pairs(n: int, seed: int, style: str, phrasing: str, image_size: int, target_grid: int = 0,
                     tag_weights: dict[str, float] | None = None, workers: int | None = None,
-                    progress: bool = True, rough: float = 0.0) -> PairTensors:
+                    progress: bool = True, rough: float = 0.0, object_scale: float = 1.0) -> PairTensors:
     """n shapes-world pairs (cached); with target_grid > 0 also the dense cell targets of both images; `rough`: the
-    share of pairs drawn by the rough renderer (data/augment.py)."""
+    share of pairs drawn by the rough renderer (data/augment.py); `object_scale` multiplies the objects' sizes."""
     spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
             "tag_weights": sorted((tag_weights or {}).items())}
     if rough:
         spec["rough"] = rough  # absent when 0, so the caches of clean pairs keep their keys
+    if object_scale != 1.0:
+        spec["object_scale"] = object_scale  # likewise absent at 1
     key = hashlib.sha256(json.dumps({**spec, "n": n, "grid": target_grid, "version": 6}, sort_keys=True).encode())
     base = cache_dir() / f"pairs-{key.hexdigest()[:16]}"
     jobs = [(i, spec, target_grid) for i in range(n)]

@@ -45,7 +45,7 @@ def load_pairs(cfg: DpoConfig, image_size: int, progress: bool):
 
         return file_pairs(project_path(d.train), image_size)
     return generated_pairs(d.n_train, d.seed, d.style, d.phrasing, image_size, tag_weights=d.tag_weights,
-                           progress=progress)
+                           progress=progress, object_scale=d.object_scale)
 
 
 def train_dpo(cfg: DpoConfig, out: Path, resume: str | None = None, deepspeed: str | None = None,

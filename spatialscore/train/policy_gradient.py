@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,12 +202,23 @@ def add_lora(denoiser, cfg: GrpoConfig):
     adapter disabled."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [t for t in cfg.model.lora_target_modules if any(n.endswith(t) for n, _ in denoiser.named_modules())]
+    m = cfg.model
+    names = [n for n, _ in denoiser.named_modules()]
+    targets = [t for t in m.lora_target_modules if any(n.endswith(t) for n in names)]
     if not targets:
-        raise SpatialScoreError(f"model.lora_target_modules: none of {cfg.model.lora_target_modules} names a module "
+        raise SpatialScoreError(f"model.lora_target_modules: none of {m.lora_target_modules} names a module "
                                 f"of {type(denoiser).__name__}")
-    lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-                      target_modules=targets, init_lora_weights="gaussian")
+    layers = {}
+    if m.lora_layers is not None:
+        block = re.compile(rf"(?:^|.*?\.){re.escape(m.lora_layers_pattern)}\.(\d+)\.")  # peft's own layer match
+        found = {int(hit.group(1)) for n in names if (hit := block.match(n)) and any(n.endswith(t) for t in targets)}
+        if missing := sorted(set(m.lora_layers) - found):
+            raise SpatialScoreError(f"model.lora_layers: {type(denoiser).__name__} has no block {missing} of "
+                                    f"'{m.lora_layers_pattern}' (model.lora_layers_pattern) with a LoRA target; "
+                                    f"it has {sorted(found) or 'none'}")
+        layers = {"layers_to_transform": list(m.lora_layers), "layers_pattern": m.lora_layers_pattern}
+    lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=targets,
+                      init_lora_weights="gaussian", **layers)
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(denoiser, lora)
     for p in model.parameters():
