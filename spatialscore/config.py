@@ -391,6 +391,9 @@ class GrpoSampleConfig:
     prompts_per_iter: int = 8  # over all processes
     batch_size: int = 32  # images per sampling forward, per process
     eval_steps: int = 20  # ODE steps of the evaluation samples
+    # the G images of a group start from one initial latent (Flow-GRPO's same_latent): the group's rewards then
+    # differ only through the step noise that the log-probabilities credit
+    same_initial_noise: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.group_size < 1 or self.prompts_per_iter < 1 or self.noise_level < 0 or self.eta < 0:

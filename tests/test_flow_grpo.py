@@ -117,6 +117,24 @@ def test_recomputed_step_log_probs_match_the_sampler_and_the_ratio_is_one(guidan
     assert reference_gap > 1e-5  # 100x the tolerance above
 
 
+def test_a_group_can_share_its_initial_latent():
+    """shared_start=G: the G images of a group start from one latent and part through the step noise only (their
+    stored step log-probabilities still recompute); groups start apart; a batch that does not split into groups is
+    refused."""
+    _, _, policy = _policy_with_lora()
+    cond = policy.encode(["a red circle to the left of a blue star"] * 3 + ["a green square above a yellow triangle"] * 3)
+    traj = sample_trajectories(policy, cond, steps=3, noise=0.7, generator=torch.Generator().manual_seed(0),
+                               batch_size=4, shared_start=3)
+    start = traj.latents[:, 0]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and torch.equal(start[3], start[5])
+    assert not torch.allclose(start[0], start[3])
+    assert not torch.allclose(traj.latents[0, -1], traj.latents[1, -1])  # the step noise differs within a group
+    lp, _, _ = step_log_prob(policy, traj.latents[[1, 4]], 0, traj.schedule, policy.select(cond, torch.tensor([1, 4])))
+    assert torch.allclose(lp, traj.log_probs[[1, 4], 0], atol=1e-6, rtol=0)
+    with pytest.raises(SpatialScoreError, match="groups of 4"):
+        sample_trajectories(policy, cond, 2, 0.7, torch.Generator().manual_seed(0), shared_start=4)
+
+
 @pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("shapes_latent", 2.0), ("sd3", 2.0), ("flux", 3.5),
                                            ("sd15", 5.0)])
 def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):

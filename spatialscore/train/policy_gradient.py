@@ -48,13 +48,17 @@ class Trajectories:
 
 @torch.no_grad()
 def sample_trajectories(policy, cond: dict[str, torch.Tensor], steps: int, noise: float,
-                        generator: torch.Generator, batch_size: int = 64) -> Trajectories:
+                        generator: torch.Generator, batch_size: int = 64, shared_start: int = 1) -> Trajectories:
     """Stochastic sampling (`noise`: the SDE's noise level, or DDIM's eta) with the log-probability of every step, in
     batches of `batch_size`; the noise is drawn from `generator` image by image in order, so it does not depend on
-    the batching."""
+    the batching. `shared_start` > 1: each run of that many consecutive images (a group) starts from one initial
+    latent, so what tells them apart is only the sampler's step noise, the part the policy's log-probability
+    accounts for (an object's place is mostly fixed by the initial latent, which no step's log-probability sees)."""
     schedule = policy.schedule(steps, noise)
     n = next(iter(cond.values())).shape[0]
-    initial = policy.initial_noise(n, generator)
+    if n % shared_start:
+        raise SpatialScoreError(f"{n} images do not split into groups of {shared_start} sharing an initial latent")
+    initial = policy.initial_noise(n // shared_start, generator).repeat_interleave(shared_start, 0)
     step_noise = torch.randn((steps, *initial.shape), generator=generator)
     latents, log_probs = [], []
     for start in range(0, n, batch_size):
@@ -563,7 +567,8 @@ def train_policy(cfg: GrpoConfig, out: Path, algorithm: Algorithm, resume: str |
         cond = policy.select(cond, torch.arange(len(records)).repeat_interleave(s.group_size))
         model.eval()
         traj = sample_trajectories(policy, cond, s.steps, noise,
-                                   torch.Generator().manual_seed(_seed(cfg, iteration, rank)), s.batch_size)
+                                   torch.Generator().manual_seed(_seed(cfg, iteration, rank)), s.batch_size,
+                                   shared_start=s.group_size if s.same_initial_noise else 1)
         sampled = time.perf_counter()
         rewards = score_images(reward, traj.images, expanded, size)
         scored = time.perf_counter()
