@@ -189,6 +189,7 @@ class GeneratorModelConfig:
     text_dim: int = 64
     text_layers: int = 2
     text_embed_std: float = 0.0  # > 0: the text encoder's word embeddings drawn at this scale (1.0: words stay apart)
+    text_encoder: str = "clip"  # shapes_flow: clip (causal attention) | t5 (bidirectional, SD3/FLUX's token states)
     shift: float = 1.0  # the flow-matching schedule's timestep shift (SD3: 3.0)
     prediction: str = "x"  # x: the transformer predicts the clean image (JiT); v: the velocity (SD3)
     latent_factor: int = 0  # 0: denoise pixels; 4: denoise the latents of an autoencoder trained first (SD-style)
@@ -205,6 +206,10 @@ class GeneratorModelConfig:
         if self.latent_factor < 0 or self.latent_channels < 1 or self.ae_width < 1:
             raise SpatialScoreError("model: need latent_factor >= 0, latent_channels >= 1, ae_width >= 1")
         _one_of("model.prediction", self.prediction, ("x", "v"))
+        _one_of("model.text_encoder", self.text_encoder, ("clip", "t5"))
+        if self.text_encoder != "clip" and self.arch != "shapes_flow":
+            raise SpatialScoreError(f"model.text_encoder={self.text_encoder} needs model.arch=shapes_flow (SD1.5-style "
+                                    f"UNets read CLIP), got {self.arch}")
         if self.text_embed_std < 0:
             raise SpatialScoreError(f"model.text_embed_std must be >= 0 (0: CLIP's own initialisation), got "
                                     f"{self.text_embed_std}")

@@ -493,3 +493,40 @@ def test_relation_gain_measures_whether_the_words_move_the_layout():
     assert relation_gain(_LayoutDrawer(follows=True), n=8) == pytest.approx(32 / 31, abs=0.08)  # hues leak a little
     assert relation_gain(_LayoutDrawer(follows=False), n=8) == pytest.approx(0.0, abs=1e-6)
     assert math.isfinite(relation_gain(tiny_pipeline("shapes_latent"), n=2, guidance_scale=2.0))
+
+
+def test_a_t5_text_encoder_sees_the_whole_prompt_and_swaps_in_under_a_warm_started_base(tmp_path):
+    """model.text_encoder=t5: a bidirectional encoder, so the subject's words already differ between "left of" and
+    "right of" (CLIP's causal ones cannot); the pipeline saves and loads as a diffusers directory; a recipe that swaps
+    the encoder kind warm-starts every other weight from a CLIP base, and only the flow arch takes it."""
+    from spatialscore.config import GeneratorConfig
+    from spatialscore.models.generators import load_pipeline_dir, shapes_flow_pipeline
+    from spatialscore.train.generator import _warm_start, build_pipeline, train_generator
+
+    prompts = ["a red circle left of a blue square", "a red circle right of a blue square"]
+    subject = slice(0, 3)  # "a red circle"
+    for kind, differs in (("clip", False), ("t5", True)):
+        pipe = shapes_flow_pipeline(image_size=16, patch_size=4, layers=1, heads=2, head_dim=8, text_dim=32,
+                                    text_layers=1, text_encoder=kind)
+        states, pooled = pipe.encode_prompt(prompts)
+        assert pooled.shape == (2, 32)
+        assert bool((states[0, subject] - states[1, subject]).abs().max() > 1e-5) == differs, kind
+    pipe.save_pretrained(tmp_path / "t5")
+    loaded = load_pipeline_dir(tmp_path / "t5", "pipeline", ("ShapesFlowPipeline",), "test")
+    assert type(loaded.text_encoder).__name__ == "T5EncoderModel"
+    assert torch.allclose(loaded.encode_prompt(prompts)[1], pooled, atol=1e-6)
+
+    tiny = [*GENERATOR, "train.steps=2"]
+    train_generator(load_config(GeneratorConfig, None, tiny), tmp_path / "clip", progress=False)
+    cfg = load_config(GeneratorConfig, None, [*tiny, "model.text_encoder=t5", "train.text_pretrain_steps=2",
+                                              f"model.init={tmp_path / 'clip' / 'final'}"])
+    base = load_pipeline_dir(tmp_path / "clip" / "final", "pipeline", ("ShapesFlowPipeline",), "test")
+    swapped = build_pipeline(cfg)
+    assert _warm_start(swapped, base, cfg)["text_encoder_swapped"] == "CLIPTextModelWithProjection"
+    assert type(swapped.text_encoder).__name__ == "T5EncoderModel"
+    for name, weight in base.transformer.state_dict().items():
+        assert torch.equal(swapped.transformer.state_dict()[name], weight.float()), name
+    result = train_generator(cfg, tmp_path / "swapped", progress=False)
+    assert result["text_encoder_swapped"] == "CLIPTextModelWithProjection" and result["step"] == 2
+    with pytest.raises(SpatialScoreError, match="model.text_encoder"):
+        load_config(GeneratorConfig, None, ["model.arch=shapes_unet", "model.text_encoder=t5"])

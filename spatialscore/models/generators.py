@@ -46,13 +46,30 @@ def shapes_tokenizer():
                                    eos_token="<eos>", model_max_length=MAX_TOKENS)
 
 
-def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool, embed_std: float = 0.0):
-    """A small CLIP text encoder over the shapes tokenizer, trained with its generator; with a projection (pooled
-    embedding, SD3-style) or without (SD1.5-style). `embed_std` > 0 draws the word embeddings at that scale instead of
-    CLIP's 0.02: at 0.02 the residual stream hides which word it is (a freshly made encoder's states for "circle" and
+def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool, embed_std: float = 0.0,
+                        kind: str = "clip"):
+    """A small text encoder over the shapes tokenizer, trained with its generator. `kind="clip"`: CLIP's, with a
+    projection (pooled embedding, SD3-style) or without (SD1.5-style); its attention is causal, so a word's state
+    never sees the words after it ("red" in "a red circle left of a blue square" cannot know it is left of anything).
+    `kind="t5"`: T5's encoder, bidirectional (the token states SD3 and FLUX read); its pooled embedding is the mean
+    of its token states (text_states). `embed_std` > 0 draws the word embeddings at that scale instead of CLIP's
+    0.02: at 0.02 the residual stream hides which word it is (a freshly made encoder's states for "circle" and
     "square" have cosine 0.93), at 1.0 they are near orthogonal (0.02) and stay apart while the generator learns."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    if kind == "t5":
+        heads = max(1, text_dim // 32)
+        model = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer), d_model=text_dim, d_kv=text_dim // heads, d_ff=text_dim * 4,
+            num_layers=text_layers, num_heads=heads, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id))
+        if embed_std > 0:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.normal_(0.0, embed_std)
+        return model
+    if kind != "clip":
+        raise SpatialScoreError(f"model.text_encoder must be 'clip' or 't5', got {kind!r}")
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
         num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
@@ -62,6 +79,20 @@ def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: 
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, embed_std)
     return model
+
+
+def text_states(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states [B, L, D], pooled [B, D']) of a shapes text encoder: CLIP's projected (or plain) end-of-text
+    embedding, or for an encoder without one (T5) the mean of the token states over the prompt's tokens."""
+    out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+    states = out.last_hidden_state
+    pooled = getattr(out, "text_embeds", None)
+    if pooled is None:
+        pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return states, pooled
 
 
 def shapes_autoencoder(image_size: int = 64, factor: int = 4, channels: int = 4, width: int = 32):
@@ -83,7 +114,8 @@ def shapes_autoencoder(image_size: int = 64, factor: int = 4, channels: int = 4,
 def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int = 4, heads: int = 6,
                          head_dim: int = 32, text_dim: int = 64, text_layers: int = 2, shift: float = 1.0,
                          prediction: str = "x", seed: int = 0, latent_factor: int = 0, latent_channels: int = 4,
-                         ae_width: int = 32, text_embed_std: float = 0.0) -> "ShapesFlowPipeline":
+                         ae_width: int = 32, text_embed_std: float = 0.0,
+                         text_encoder: str = "clip") -> "ShapesFlowPipeline":
     """A freshly initialised shapes-world flow pipeline (train it with `spatialscore train-generator`); with
     `latent_factor` > 0 it denoises the latents of a (to be trained) autoencoder instead of pixels."""
     torch.manual_seed(seed)
@@ -93,7 +125,8 @@ def shapes_flow_pipeline(image_size: int = 64, patch_size: int = 8, layers: int 
         raise SpatialScoreError(f"model.patch_size ({patch_size}) must divide the {'latent' if vae else 'image'} "
                                 f"size ({grid})")
     tokenizer = shapes_tokenizer()
-    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=True, embed_std=text_embed_std)
+    text_encoder = shapes_text_encoder(tokenizer, text_dim, text_layers, projection=True, embed_std=text_embed_std,
+                                       kind=text_encoder)
     transformer = SD3Transformer2DModel(
         sample_size=grid, patch_size=patch_size, in_channels=channels, out_channels=channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
@@ -199,8 +232,7 @@ class ShapesFlowPipeline(DiffusionPipeline):
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TOKENS,
                                return_tensors="pt")
         device = self.text_encoder.device
-        out = self.text_encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-        return out.last_hidden_state, out.text_embeds
+        return text_states(self.text_encoder, batch.input_ids.to(device), batch.attention_mask.to(device))
 
     def predict(self, latents: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ def build_pipeline(cfg: GeneratorConfig):
     return shapes_flow_pipeline(image_size=m.image_size, patch_size=m.patch_size, layers=m.layers, heads=m.heads,
                                 head_dim=m.head_dim, text_dim=m.text_dim, text_layers=m.text_layers, shift=m.shift,
                                 prediction=m.prediction, seed=m.seed, latent_factor=m.latent_factor,
-                                latent_channels=m.latent_channels, ae_width=m.ae_width, text_embed_std=m.text_embed_std)
+                                latent_channels=m.latent_channels, ae_width=m.ae_width, text_embed_std=m.text_embed_std,
+                                text_encoder=m.text_encoder)
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
@@ -300,6 +301,8 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
     draw."""
     prompts = [r["prompt"] for r in records]
     targets = caption_targets(records)
+    from spatialscore.models.generators import text_states
+
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
     dim = encoder.config.hidden_size
     torch.manual_seed(cfg.train.seed)
@@ -314,9 +317,8 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
     ids, attention = tokens.input_ids, tokens.attention_mask
 
     def read(index):
-        out = encoder(input_ids=ids[index], attention_mask=attention[index])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return out.last_hidden_state, pooled_head(pooled)
+        states, pooled = text_states(encoder, ids[index], attention[index])
+        return states, pooled_head(pooled)
 
     encoder.train()
     bar = tqdm(range(cfg.train.text_pretrain_steps), desc="text encoder", unit="step", disable=not progress)
@@ -785,9 +787,14 @@ def _init_pipeline(cfg: GeneratorConfig):
 def _warm_start(pipe, init, cfg: GeneratorConfig) -> dict:
     """Copy every weight of `init` (a saved base: its EMA) into the freshly built pipeline, and its autoencoder's
     normalisation: training continues from that base instead of from scratch (the optimizer starts afresh, so this
-    is a warm start, not a resume). The recipe's model section must describe the same architecture."""
+    is a warm start, not a resume). The recipe's model section must describe the same architecture, except that a
+    recipe may swap the text encoder's kind (model.text_encoder): the new encoder then starts fresh (pretrain it with
+    train.text_pretrain_steps) under the base's denoiser."""
     pairs = {"vae": (pipe.vae, init.vae), "text_encoder": (pipe.text_encoder, init.text_encoder),
              "transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet": (_denoiser(pipe), _denoiser(init))}
+    swapped = type(pipe.text_encoder) is not type(init.text_encoder)
+    if swapped:
+        del pairs["text_encoder"]
     for name, (target, source) in pairs.items():
         if (target is None) != (source is None):
             raise SpatialScoreError(f"model.init: {cfg.model.init} {'has no' if source is None else 'has a'} {name}, "
@@ -803,7 +810,7 @@ def _warm_start(pipe, init, cfg: GeneratorConfig) -> dict:
         pipe.vae.register_to_config(shift_factor=init.vae.config.shift_factor,
                                     scaling_factor=init.vae.config.scaling_factor)
         pipe.vae.eval().requires_grad_(False)
-    return {"init": str(cfg.model.init)}
+    return {"init": str(cfg.model.init), **({"text_encoder_swapped": type(init.text_encoder).__name__} if swapped else {})}
 
 
 def _autoencoder_dir(cfg: GeneratorConfig) -> Path:
