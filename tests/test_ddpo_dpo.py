@@ -526,7 +526,10 @@ def test_a_t5_text_encoder_sees_the_whole_prompt_and_swaps_in_under_a_warm_start
     assert type(swapped.text_encoder).__name__ == "T5EncoderModel"
     for name, weight in base.transformer.state_dict().items():
         assert torch.equal(swapped.transformer.state_dict()[name], weight.float()), name
+    cfg.train.save_every = 1  # a checkpoint holds T5's tied embedding weights
     result = train_generator(cfg, tmp_path / "swapped", progress=False)
     assert result["text_encoder_swapped"] == "CLIPTextModelWithProjection" and result["step"] == 2
+    assert (tmp_path / "swapped" / "checkpoints" / "step-1" / "ema.safetensors").is_file()
+    assert train_generator(cfg, tmp_path / "swapped", resume=str(tmp_path / "swapped"), progress=False)["step"] == 2
     with pytest.raises(SpatialScoreError, match="model.text_encoder"):
         load_config(GeneratorConfig, None, ["model.arch=shapes_unet", "model.text_encoder=t5"])

@@ -556,7 +556,8 @@ def _state_io(modules: torch.nn.Module, ema: torch.nn.Module):
 
     def write(_model, directory: Path) -> None:
         for name, module in (("model", modules), ("ema", ema)):
-            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            # cloned: tied weights (T5's shared and encoder.embed_tokens) are one tensor, which safetensors refuses
+            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
             atomic_write_bytes(Path(directory) / f"{name}.safetensors", save(tensors))
 
     def read(path: Path, _model) -> None:
