@@ -55,7 +55,7 @@ def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: 
     of its token states (text_states). `embed_std` > 0 draws the word embeddings at that scale instead of CLIP's
     0.02: at 0.02 the residual stream hides which word it is (a freshly made encoder's states for "circle" and
     "square" have cosine 0.93), at 1.0 they are near orthogonal (0.02) and stay apart while the generator learns."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     if kind == "t5":
         heads = max(1, text_dim // 32)
@@ -64,21 +64,24 @@ def shapes_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: 
             num_layers=text_layers, num_heads=heads, dropout_rate=0.0, feed_forward_proj="gated-gelu",
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id))
-        if embed_std > 0:
-            with torch.no_grad():
-                model.get_input_embeddings().weight.normal_(0.0, embed_std)
-        return model
-    if kind != "clip":
+    elif kind == "clip":
+        model = _clip_text_encoder(tokenizer, text_dim, text_layers, projection)
+    else:
         raise SpatialScoreError(f"model.text_encoder must be 'clip' or 't5', got {kind!r}")
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
-        num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     if embed_std > 0:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, embed_std)
     return model
+
+
+def _clip_text_encoder(tokenizer, text_dim: int, text_layers: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 4, num_hidden_layers=text_layers,
+        num_attention_heads=max(1, text_dim // 32), max_position_embeddings=MAX_TOKENS, projection_dim=text_dim,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def text_states(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

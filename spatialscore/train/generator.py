@@ -299,10 +299,10 @@ def pretrain_text_encoder(pipe, records: list[dict], cfg: GeneratorConfig, progr
     encoder amplifies the words the denoiser learns first (colours) and leaves the shape words nearly identical
     (their pooled embeddings at cosine 1.000 in the first shapes base), so nothing tells the denoiser which shape to
     draw."""
-    prompts = [r["prompt"] for r in records]
-    targets = caption_targets(records)
     from spatialscore.models.generators import text_states
 
+    prompts = [r["prompt"] for r in records]
+    targets = caption_targets(records)
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
     dim = encoder.config.hidden_size
     torch.manual_seed(cfg.train.seed)
@@ -496,9 +496,6 @@ def shape_word_gain(pipe, x0: torch.Tensor, prompts: list[str], noise_level: flo
     return float((moved / apart).mean())
 
 
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 @torch.no_grad()
 def relation_gain(pipe, n: int = 24, noise_level: float = 0.85, guidance_scale: float = 1.0, seed: int = 0) -> float:
     """Does the relation word move the objects? For n two-object prompts "a C1 S1 REL a C2 S2" (distinct chromatic
@@ -510,15 +507,15 @@ def relation_gain(pipe, n: int = 24, noise_level: float = 0.85, guidance_scale: 
     (ShapesFlowPipeline)."""
     import colorsys
 
-    from spatialscore.data.vocab import CHROMATIC, COLORS, SHAPES
+    from spatialscore.data.vocab import CHROMATIC, COLORS, OPPOSITE, SHAPES
 
     rng = random.Random(f"relation-gain-{seed}")
     rows, asked, axes = [], [], []
     for _ in range(n):
         c1, c2 = rng.sample(CHROMATIC, 2)
-        s1, s2, rel = rng.choice(SHAPES), rng.choice(SHAPES), rng.choice(list(_OPPOSITE))
+        s1, s2, rel = rng.choice(SHAPES), rng.choice(SHAPES), rng.choice(list(OPPOSITE))
         rows.append((c1, c2))
-        asked += [f"a {c1} {s1} {rel} a {c2} {s2}", f"a {c1} {s1} {_OPPOSITE[rel]} a {c2} {s2}"]
+        asked += [f"a {c1} {s1} {rel} a {c2} {s2}", f"a {c1} {s1} {OPPOSITE[rel]} a {c2} {s2}"]
         axes.append((0 if rel in ("left of", "right of") else 1, 1.0 if rel in ("left of", "above") else -1.0))
     noise = torch.randn((n, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed))
     noise = noise.repeat_interleave(2, 0)
@@ -531,8 +528,7 @@ def relation_gain(pipe, n: int = 24, noise_level: float = 0.85, guidance_scale: 
         unconditional = pipe.predict(xt, sigma, empty, empty_pooled)
         velocity = unconditional + guidance_scale * (velocity - unconditional)
     images = pipe.to_images(xt - noise_level * velocity).float()  # [2n, 3, H, W] in [0, 1]
-    size = images.shape[-1]
-    where = torch.linspace(0, 1, size)
+    where = torch.linspace(0, 1, images.shape[-1])
     shifts = []
     for i, ((c1, c2), (axis, sign)) in enumerate(zip(rows, axes)):
         centres = []
