@@ -399,8 +399,17 @@ class GrpoSampleConfig:
     # the G images of a group start from one initial latent (Flow-GRPO's same_latent): the group's rewards then
     # differ only through the step noise that the log-probabilities credit
     same_initial_noise: bool = False
+    # only these step indices are stochastic (the SDE; 0 = the noisiest), the others deterministic ODE steps
+    # (Flow-GRPO-Fast / MixGRPO): the group's rewards then differ only through the noise of the steps that are
+    # trained, not through later steps' noise that no trained log-probability accounts for. None: every step
+    sde_steps: list[int] | None = None
 
     def __post_init__(self):
+        for t in self.sde_steps or []:
+            if not 0 <= t < self.steps:
+                raise SpatialScoreError(f"sample.sde_steps: {t} is not a step index in [0, {self.steps})")
+        if self.sde_steps is not None and not self.sde_steps:
+            raise SpatialScoreError("sample.sde_steps: name at least one stochastic step (or leave it unset: all)")
         if self.steps < 1 or self.group_size < 1 or self.prompts_per_iter < 1 or self.noise_level < 0 or self.eta < 0:
             raise SpatialScoreError("sample: need steps >= 1, group_size >= 1, prompts_per_iter >= 1, "
                                     "noise_level >= 0, eta >= 0")
@@ -462,6 +471,13 @@ class GrpoConfig:
         for t in self.train.timesteps or []:
             if not 0 <= t < self.sample.steps:
                 raise SpatialScoreError(f"train.timesteps: {t} is not a step index in [0, {self.sample.steps})")
+        if self.sample.sde_steps is not None:
+            if self.train.timesteps is None:
+                raise SpatialScoreError("sample.sde_steps: also set train.timesteps (a subset of them); a "
+                                        "deterministic step has no log-probability to train")
+            if off := sorted(set(self.train.timesteps) - set(self.sample.sde_steps)):
+                raise SpatialScoreError(f"train.timesteps: {off} are deterministic steps (not in sample.sde_steps "
+                                        f"{self.sample.sde_steps}); only stochastic steps have a log-probability")
 
 
 @dataclass

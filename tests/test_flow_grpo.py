@@ -135,6 +135,31 @@ def test_a_group_can_share_its_initial_latent():
         sample_trajectories(policy, cond, 2, 0.7, torch.Generator().manual_seed(0), shared_start=4)
 
 
+def test_only_the_named_sde_steps_are_stochastic():
+    """sde_steps=[0, 1] of 4: after step 1 a group sharing its initial latent follows the deterministic ODE (its
+    images part only through the noise of steps 0 and 1), those steps' log-probabilities are 0 and the stochastic
+    ones still recompute; the recipe refuses trained timesteps outside sample.sde_steps with the field's name."""
+    _, _, policy = _policy_with_lora()
+    cond = policy.encode(["a red circle to the left of a blue star"] * 2)
+    traj = sample_trajectories(policy, cond, steps=4, noise=0.7, generator=torch.Generator().manual_seed(0),
+                               shared_start=2, sde_steps=[0, 1])
+    assert torch.equal(traj.log_probs[:, 2:], torch.zeros(2, 2)) and (traj.log_probs[:, :2] != 0).all()
+    state = traj.latents[:, 2].clone()  # continue both images from their step-2 state with the ODE alone
+    for i in (2, 3):
+        state = traj.schedule.ode_step(i, state, policy.predict(state, traj.schedule.model_time(i), cond))
+    assert torch.allclose(state, traj.latents[:, -1], atol=1e-5)
+    assert not torch.allclose(traj.latents[0, -1], traj.latents[1, -1])  # the SDE steps did part them
+    lp, _, _ = step_log_prob(policy, traj.latents, 1, traj.schedule, cond)
+    assert torch.allclose(lp, traj.log_probs[:, 1], atol=1e-6, rtol=0)
+    assert _cfg("sample.sde_steps=[0,1]", "train.timesteps=[0,1]").sample.sde_steps == [0, 1]
+    with pytest.raises(SpatialScoreError, match=r"train.timesteps: \[2\] are deterministic steps"):
+        _cfg("sample.sde_steps=[0,1]", "train.timesteps=[1,2]")
+    with pytest.raises(SpatialScoreError, match="sample.sde_steps: also set train.timesteps"):
+        _cfg("sample.sde_steps=[0]")
+    with pytest.raises(SpatialScoreError, match=r"sample.sde_steps: 4 is not a step index"):
+        _cfg("sample.sde_steps=[4]", "train.timesteps=[0]")
+
+
 @pytest.mark.parametrize("arch,guidance", [("shapes_flow", 2.0), ("shapes_latent", 2.0), ("sd3", 2.0), ("flux", 3.5),
                                            ("sd15", 5.0)])
 def test_the_policy_view_reproduces_the_pipeline_call(arch, guidance):

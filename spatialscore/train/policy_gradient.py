@@ -48,12 +48,14 @@ class Trajectories:
 
 @torch.no_grad()
 def sample_trajectories(policy, cond: dict[str, torch.Tensor], steps: int, noise: float,
-                        generator: torch.Generator, batch_size: int = 64, shared_start: int = 1) -> Trajectories:
+                        generator: torch.Generator, batch_size: int = 64, shared_start: int = 1,
+                        sde_steps: list[int] | None = None) -> Trajectories:
     """Stochastic sampling (`noise`: the SDE's noise level, or DDIM's eta) with the log-probability of every step, in
     batches of `batch_size`; the noise is drawn from `generator` image by image in order, so it does not depend on
     the batching. `shared_start` > 1: each run of that many consecutive images (a group) starts from one initial
     latent, so what tells them apart is only the sampler's step noise, the part the policy's log-probability
-    accounts for (an object's place is mostly fixed by the initial latent, which no step's log-probability sees)."""
+    accounts for (an object's place is mostly fixed by the initial latent, which no step's log-probability sees).
+    `sde_steps`: only these steps are stochastic, the others deterministic ODE steps with log-probability 0."""
     schedule = policy.schedule(steps, noise)
     n = next(iter(cond.values())).shape[0]
     if n % shared_start:
@@ -68,7 +70,10 @@ def sample_trajectories(policy, cond: dict[str, torch.Tensor], steps: int, noise
         sub = policy.select(cond, part)
         for i in range(steps):
             output = policy.predict(x, schedule.model_time(i), sub)
-            x, lp, _, _ = schedule.step(i, x, output, noise=step_noise[i, part])
+            if sde_steps is None or i in sde_steps:
+                x, lp, _, _ = schedule.step(i, x, output, noise=step_noise[i, part])
+            else:
+                x, lp = schedule.ode_step(i, x, output), torch.zeros(len(x))
             path.append(x)
             lps.append(lp)
         latents.append(torch.stack(path, 1))
@@ -568,7 +573,8 @@ def train_policy(cfg: GrpoConfig, out: Path, algorithm: Algorithm, resume: str |
         model.eval()
         traj = sample_trajectories(policy, cond, s.steps, noise,
                                    torch.Generator().manual_seed(_seed(cfg, iteration, rank)), s.batch_size,
-                                   shared_start=s.group_size if s.same_initial_noise else 1)
+                                   shared_start=s.group_size if s.same_initial_noise else 1,
+                                   sde_steps=s.sde_steps)
         sampled = time.perf_counter()
         rewards = score_images(reward, traj.images, expanded, size)
         scored = time.perf_counter()
