@@ -229,11 +229,17 @@ class PromptSetConfig:
     eval_n: int = 200
     eval_seed: int = 5000
     object_scale: float = 1.0  # train-generator: object sizes of the training scenes, relative to the world's
+    # train-generator: "centred" frames each relation scene's items around the canvas centre (data/scene.py)
+    composition: str = "free"
 
     def __post_init__(self):
+        from spatialscore.data.scene import COMPOSITIONS
+
         _check_tags("data", self.style, self.phrasing, self.tag_weights)
         if not 0.5 <= self.object_scale <= 2.5:
             raise SpatialScoreError(f"data.object_scale must be in [0.5, 2.5], got {self.object_scale}")
+        if self.composition not in COMPOSITIONS:
+            raise SpatialScoreError(f"data.composition must be one of {list(COMPOSITIONS)}, got {self.composition!r}")
 
 
 @dataclass

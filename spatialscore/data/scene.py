@@ -189,14 +189,42 @@ def new_object(shape: str, color: str | None, rng: random.Random, small: bool = 
     return Obj(shape, color, 0.5, 0.5, size, rotation, sample_shade(color, rng))
 
 
-def sample_scene(meta: dict, rng: random.Random, tries: int = 200, scale: float = 1.0) -> Scene:
+COMPOSITIONS = ("free", "centred")
+CENTRE_JITTER = 0.1  # a centred group's centre lies within this of the canvas centre (where the canvas allows)
+
+
+def sample_scene(meta: dict, rng: random.Random, tries: int = 200, scale: float = 1.0,
+                 composition: str = "free") -> Scene:
     """A scene faithful to a prompt's metadata: every include entry drawn `count` times, relations with a margin;
-    `scale` multiplies the objects' sizes (a generator's training scenes may use bigger objects)."""
+    `scale` multiplies the objects' sizes (a generator's training scenes may use bigger objects). `composition`
+    "centred": a scene with a relation is moved as a whole so that its items' bounding box sits near the canvas
+    centre, the way a photograph frames its subjects; "a circle left of a square" then puts the circle in the left
+    half and the square in the right one, instead of the pair anywhere on the canvas (`centre_group`)."""
+    if composition not in COMPOSITIONS:
+        raise SpatialScoreError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
     for _ in range(tries):
         scene = _try_scene(meta, rng, scale)
         if scene is not None:
+            if composition == "centred" and any(e.get("position") for e in meta.get("include", [])):
+                centre_group(scene, rng)
             return scene
     raise SpatialScoreError(f"could not place the objects of prompt {meta.get('prompt')!r} after {tries} tries")
+
+
+def centre_group(scene: Scene, rng: random.Random, jitter: float = CENTRE_JITTER) -> None:
+    """Translate every item of `scene` together so the centre of their keep-out boxes lies within `jitter` of the
+    canvas centre (clamped so everything stays inside): relations, gaps and sizes are unchanged."""
+    items = scene.items()
+    boxes = [_keepout(item) for item in items]
+    low, high = MARGIN / 2, 1 - MARGIN / 2
+    shifts = []
+    for axis in (0, 1):
+        lo, hi = min(b[axis] for b in boxes), max(b[axis + 2] for b in boxes)
+        want = 0.5 + rng.uniform(-jitter, jitter) - (lo + hi) / 2
+        shifts.append(min(max(want, low - lo), high - hi))
+    for item in items:
+        item.x += shifts[0]
+        item.y += shifts[1]
 
 
 def _try_scene(meta: dict, rng: random.Random, scale: float = 1.0) -> Scene | None:

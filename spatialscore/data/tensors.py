@@ -99,7 +99,8 @@ def _captioned_scene(index: int, spec: dict):
     while True:
         meta = writer.sample(spec["style"], dict(spec["tag_weights"]))
         try:
-            return sample_scene(meta, rng, tries=50, scale=spec.get("object_scale", 1.0)), meta
+            return sample_scene(meta, rng, tries=50, scale=spec.get("object_scale", 1.0),
+                                composition=spec.get("composition", "free")), meta
         except SpatialScoreError:  # too crowded to place with clear margins: take the next prompt
             continue
 
@@ -121,20 +122,23 @@ def _captioned_labels(job) -> tuple[dict[str, np.ndarray], None]:
 
 
 def _captioned_spec(seed: int, style: str, phrasing: str, image_size: int, tag_weights: dict[str, float] | None,
-                    object_scale: float) -> dict:
+                    object_scale: float, composition: str = "free") -> dict:
     spec = {"seed": seed, "style": style, "phrasing": phrasing, "image_size": image_size,
             "tag_weights": sorted((tag_weights or {}).items())}
     if object_scale != 1.0:
         spec["object_scale"] = object_scale
+    if composition != "free":  # absent by default: the caches made before this option stay valid
+        spec["composition"] = composition
     return spec
 
 
 def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: int,
                      tag_weights: dict[str, float] | None = None, workers: int | None = None,
-                     progress: bool = True, object_scale: float = 1.0) -> tuple[torch.Tensor, list[dict]]:
+                     progress: bool = True, object_scale: float = 1.0,
+                     composition: str = "free") -> tuple[torch.Tensor, list[dict]]:
     """n faithful shapes-world images (uint8 [N, H, W, 3], cached) and their prompt metadata: a generator's
-    training set (`object_scale` multiplies the objects' sizes)."""
-    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale)
+    training set (`object_scale` multiplies the objects' sizes; `composition`: scene.sample_scene's)."""
+    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale, composition)
     key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "captions", "version": 1}, sort_keys=True).encode())
     meta, arrays = _cached(cache_dir() / f"captions-{key.hexdigest()[:16]}", _captioned,
                            [(i, spec) for i in range(n)], "shapes images", "image", workers, progress,
@@ -144,10 +148,10 @@ def captioned_images(n: int, seed: int, style: str, phrasing: str, image_size: i
 
 def captioned_labels(n: int, seed: int, style: str, phrasing: str, image_size: int,
                      tag_weights: dict[str, float] | None = None, workers: int | None = None,
-                     progress: bool = True, object_scale: float = 1.0) -> torch.Tensor:
+                     progress: bool = True, object_scale: float = 1.0, composition: str = "free") -> torch.Tensor:
     """The class maps (uint8 [N, 2, H, W]: shape, colour; render.render_labels) of exactly the scenes
     `captioned_images` draws for the same arguments, cached."""
-    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale)
+    spec = _captioned_spec(seed, style, phrasing, image_size, tag_weights, object_scale, composition)
     key = hashlib.sha256(json.dumps({**spec, "n": n, "what": "caption-labels", "version": 1},
                                     sort_keys=True).encode())
     _, arrays = _cached(cache_dir() / f"labels-{key.hexdigest()[:16]}", _captioned_labels,

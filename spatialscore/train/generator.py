@@ -583,7 +583,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
     t0 = time.time()
     images, records = captioned_images(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
                                        cfg.model.image_size, cfg.data.tag_weights, progress=progress,
-                                       object_scale=cfg.data.object_scale)
+                                       object_scale=cfg.data.object_scale, composition=cfg.data.composition)
     captions = [r["prompt"] for r in records]
     if pipe.vae is not None and not cfg.model.init:
         stats = _autoencoder_stage(pipe.vae, images, cfg, out, resume_from, progress)
@@ -603,7 +603,7 @@ def train_generator(cfg: GeneratorConfig, out: str | Path, resume: str | None = 
 
         class_maps = captioned_labels(cfg.data.n_train, cfg.data.seed, cfg.data.style, cfg.data.phrasing,
                                       cfg.model.image_size, cfg.data.tag_weights, progress=progress,
-                                      object_scale=cfg.data.object_scale)
+                                      object_scale=cfg.data.object_scale, composition=cfg.data.composition)
     if cfg.train.layout_weight:
         grid = pipe.latent_shape[1] // pipe.transformer.config.patch_size
         (layout, block), layout_data = _layout_head(pipe, cfg), layout_targets(class_maps, grid)
@@ -737,7 +737,7 @@ def _autoencoder_stage(vae, images: torch.Tensor, cfg: GeneratorConfig, out: Pat
     metrics = train_autoencoder(vae, images, cfg, progress, centre=cfg.model.arch == "shapes_flow")
     held_out, records = captioned_images(cfg.data.eval_n, cfg.data.eval_seed, cfg.data.style, cfg.data.phrasing,
                                          cfg.model.image_size, cfg.data.tag_weights, progress=False,
-                                         object_scale=cfg.data.object_scale)
+                                         object_scale=cfg.data.object_scale, composition=cfg.data.composition)
     with torch.no_grad():
         pixels = _pixels(held_out)
         recon = torch.cat([_decode_encode(vae, pixels[i:i + 128]) for i in range(0, len(pixels), 128)])
