@@ -528,6 +528,9 @@ class DpoTrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     beta: float = 500.0  # Diffusion-DPO's beta (the paper: 2500 for SD1.5); larger keeps closer to the reference
+    # training times u ~ logit-normal moved by SD3's shift, u' = shift u / (1 + (shift - 1) u): the shift the base
+    # was pretrained with (the shapes flow base: 3) weighs the high-noise steps where layouts are decided
+    time_shift: float = 1.0
     max_grad_norm: float = 1.0
     eval_every: int = 100
     save_every: int = 100
@@ -535,8 +538,8 @@ class DpoTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.beta <= 0:
-            raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, beta > 0")
+        if self.steps < 1 or self.batch_size < 1 or self.beta <= 0 or self.time_shift <= 0:
+            raise SpatialScoreError("train: need steps >= 1, batch_size >= 1, beta > 0, time_shift > 0")
 
 
 @dataclass

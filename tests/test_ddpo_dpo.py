@@ -85,9 +85,12 @@ DPO = ["model.tiny=shapes_flow", "data.n_train=8", "prompts.eval_n=2", "sample.e
        "train.lr=0.01", "train.beta=50", "train.eval_every=1000"]
 
 
-def test_dpo_moves_the_model_towards_the_chosen_images(tmp_path):
-    train_dpo(load_config(DpoConfig, None, [*DPO, "train.steps=30", "train.save_every=1000"]), tmp_path / "run",
-              progress=False)
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_dpo_moves_the_model_towards_the_chosen_images(tmp_path, shift):
+    """Also at the shapes base's time shift (train.time_shift: 3 weighs the high-noise steps); a shift <= 0 is
+    refused."""
+    train_dpo(load_config(DpoConfig, None, [*DPO, "train.steps=30", "train.save_every=1000",
+                                            f"train.time_shift={shift}"]), tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
     first, last = rows[0], rows[-1]
     assert first["margin"] == pytest.approx(0.0, abs=1e-6)  # the LoRA starts as the identity: model == reference
@@ -95,6 +98,8 @@ def test_dpo_moves_the_model_towards_the_chosen_images(tmp_path):
     assert sum(late) / len(late) > 0.05 and sum(r["loss"] for r in rows[-10:]) / 10 < math.log(2) - 0.01
     assert (tmp_path / "run" / "final" / "pipeline" / "model_index.json").is_file()
     assert last["implicit_accuracy"] >= 0.5
+    with pytest.raises(SpatialScoreError, match="time_shift > 0"):
+        load_config(DpoConfig, None, [*DPO, "train.time_shift=0"])
 
 
 def test_dpo_pairs_are_drawn_at_the_bases_object_scale(tmp_path, monkeypatch):

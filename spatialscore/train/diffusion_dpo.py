@@ -24,6 +24,7 @@ from tqdm import tqdm
 from spatialscore.config import DpoConfig
 from spatialscore.errors import SpatialScoreError
 from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES
+from spatialscore.train.generator import shifted
 
 PIPELINES = FLOW_PIPELINES + UNET_PIPELINES
 
@@ -104,7 +105,7 @@ def train_dpo(cfg: DpoConfig, out: Path, resume: str | None = None, deepspeed: s
             latents = policy.encode_images(torch.cat([data.images("chosen", part), data.images("rejected", part)]))
         generator = torch.Generator().manual_seed(_seed(cfg, step, rank))
         noise = torch.randn(latents[:micro].shape, generator=generator)
-        u = torch.sigmoid(torch.randn(micro, generator=generator))  # logit-normal times
+        u = shifted(torch.sigmoid(torch.randn(micro, generator=generator)), t.time_shift)  # logit-normal times
         noisy, time, target = policy.noised(latents, torch.cat([noise, noise]), torch.cat([u, u]))
         both = {k: torch.cat([v, v]) for k, v in cond.items()}
         errors = (policy.predict(noisy, time, both).float() - target.float()).pow(2).flatten(1).mean(1)
