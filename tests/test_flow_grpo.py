@@ -135,6 +135,31 @@ def test_a_group_can_share_its_initial_latent():
         sample_trajectories(policy, cond, 2, 0.7, torch.Generator().manual_seed(0), shared_start=4)
 
 
+def test_the_merged_final_pipeline_keeps_the_base_settings_and_predicts_as_the_lora_policy(tmp_path):
+    """final/pipeline of a velocity-predicting shapes base (as the shipped one) still predicts velocities: saved
+    without its `prediction` it came back as a clean-image predictor and sampled garbage."""
+    from spatialscore.models.generators import load_flow_pipeline, shapes_flow_pipeline
+    from spatialscore.train.policy_gradient import save_final
+
+    pipe = shapes_flow_pipeline(image_size=32, patch_size=2, layers=1, heads=2, head_dim=16, text_dim=32,
+                                text_layers=1, latent_factor=4, ae_width=8, prediction="v")
+    pipe.transformer.requires_grad_(False)
+    peft = add_lora(pipe.transformer, _cfg())
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_final(pipe, peft, _cfg(), tmp_path / "final")
+    merged = load_flow_pipeline(tmp_path / "final" / "pipeline", "model.pipeline")
+    assert merged.config.prediction == "v"
+    embeds, pooled = pipe.encode_prompt(["a red circle left of a blue star"])
+    x = torch.randn(1, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pipe.velocity(peft, x, torch.tensor(0.7), embeds, pooled)
+        got = merged.predict(x, torch.tensor(0.7), embeds, pooled)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_only_the_named_sde_steps_are_stochastic():
     """sde_steps=[0, 1] of 4: after step 1 a group sharing its initial latent follows the deterministic ODE (its
     images part only through the noise of steps 0 and 1), those steps' log-probabilities are 0 and the stochastic

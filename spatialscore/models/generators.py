@@ -287,6 +287,20 @@ class ShapesFlowPipeline(DiffusionPipeline):
 PIPELINES = {"ShapesFlowPipeline": ShapesFlowPipeline}
 
 
+def rebuilt(pipe, **components):
+    """The same kind of pipeline with some components swapped, keeping the pipeline's own settings: a
+    ShapesFlowPipeline's `prediction` (a base that predicts the velocity would otherwise come back predicting the
+    clean image, and sample garbage), a StableDiffusionPipeline without its safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    settings = {}
+    if isinstance(pipe, ShapesFlowPipeline):
+        settings["prediction"] = pipe.config.prediction
+    elif isinstance(pipe, StableDiffusionPipeline):
+        settings["requires_safety_checker"] = False
+    return type(pipe)(**{**pipe.components, **components}, **settings)
+
+
 def pipeline_class_name(path: str | Path) -> str:
     """The `_class_name` a pipeline directory's model_index.json names, or a clear error."""
     index = Path(path) / "model_index.json"

@@ -117,10 +117,10 @@ def _denoiser(pipe) -> torch.nn.Module:
 
 def _ema_pipeline(pipe, ema: torch.nn.ModuleList):
     """The same pipeline with the EMA denoiser and text encoder (sharing the frozen autoencoder and tokenizer)."""
-    components = {**pipe.components, "text_encoder": ema[1], "scheduler": copy.deepcopy(pipe.scheduler)}
-    if isinstance(pipe, ShapesFlowPipeline):
-        return type(pipe)(**components | {"transformer": ema[0]}, prediction=pipe.config.prediction)
-    return type(pipe)(**components | {"unet": ema[0]}, requires_safety_checker=False)
+    from spatialscore.models.generators import rebuilt
+
+    return rebuilt(pipe, text_encoder=ema[1], scheduler=copy.deepcopy(pipe.scheduler),
+                   **{"transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet": ema[0]})
 
 
 def _denoising(pipe, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor,

@@ -275,11 +275,12 @@ def save_final(pipe, peft_model, cfg: GrpoConfig, directory: Path) -> None:
     shutil.rmtree(directory / "lora", ignore_errors=True)
     os.replace(tmp, directory / "lora")
     if cfg.train.save_merged:
+        from spatialscore.models.generators import rebuilt
         from spatialscore.train.generator import save_pipeline
 
         merged = copy.deepcopy(peft_model).merge_and_unload()
         name = "unet" if "unet" in pipe.components else "transformer"
-        save_pipeline(type(pipe)(**{**pipe.components, name: merged}), directory / "pipeline", dtype=torch.float32)
+        save_pipeline(rebuilt(pipe, **{name: merged}), directory / "pipeline", dtype=torch.float32)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
