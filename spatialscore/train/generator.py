@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from spatialscore.config import GeneratorConfig, save_config
 from spatialscore.errors import SpatialScoreError
-from spatialscore.models.generators import MIN_SIGMA, ShapesFlowPipeline, latent_shape
+from spatialscore.models.generators import MIN_SIGMA, ShapesFlowPipeline, latent_shape, rebuilt
 from spatialscore.io import atomic_write_text
 
 
@@ -117,8 +117,6 @@ def _denoiser(pipe) -> torch.nn.Module:
 
 def _ema_pipeline(pipe, ema: torch.nn.ModuleList):
     """The same pipeline with the EMA denoiser and text encoder (sharing the frozen autoencoder and tokenizer)."""
-    from spatialscore.models.generators import rebuilt
-
     return rebuilt(pipe, text_encoder=ema[1], scheduler=copy.deepcopy(pipe.scheduler),
                    **{"transformer" if isinstance(pipe, ShapesFlowPipeline) else "unet": ema[0]})
 
