@@ -15,6 +15,7 @@ from spatialscore.data.prompts import TAGS, longest_chain, make_prompts
 from spatialscore.data.render import render, render_labels
 from spatialscore.data.scene import Obj, Scene, sample_scene, sample_shade, scene_detections
 from spatialscore.data.vocab import COLORS, PERTURBATION_KINDS, RELATIONS, SHAPES
+from spatialscore.errors import SpatialScoreError
 
 
 def test_prompts_are_deterministic_and_cover_every_tag():
@@ -135,7 +136,6 @@ def test_object_scale_grows_objects_and_keeps_the_scene_faithful():
     assert judge(render(big, 64), meta).passed
 
 
-
 def test_centred_composition_frames_relation_scenes_and_keeps_them_faithful():
     """composition="centred": a relation scene is the free scene translated as a whole (same sizes, same offsets
     between items) so its items' centre lies within the jitter of the canvas centre; it still passes the oracle;
@@ -162,8 +162,9 @@ def test_centred_composition_frames_relation_scenes_and_keeps_them_faithful():
     single = PromptWriter(random.Random(1)).sample("short", {**only, "position": 0, "single_object": 1})
     assert sample_scene(single, random.Random(2), composition="centred").to_dict() == \
         sample_scene(single, random.Random(2)).to_dict()
-    with pytest.raises(Exception, match="centred"):
+    with pytest.raises(SpatialScoreError, match="centred"):
         sample_scene(single, random.Random(2), composition="middle")
+
 
 def test_class_maps_cover_exactly_the_drawn_objects():
     import torch
