@@ -245,6 +245,29 @@ def test_the_trainer_reports_ratio_one_on_the_first_inner_step_for_every_trained
     assert list((tmp_path / "run" / "samples").glob("iter-*.png"))
 
 
+def test_training_prompts_skip_the_evaluation_set_and_an_exhausted_tag_mix_is_refused():
+    """Single-object prompts are few (a dozen): 200 evaluation prompts hold them all, and most colour prompts. The
+    training draw still finds fresh prompts among the rest (it used to redraw the same all-held-out batch forever),
+    and with nothing fresh left it stops with an error that names the settings instead of hanging."""
+    from spatialscore.train.policy_gradient import PromptSource
+
+    weights = "prompts.tag_weights={{position: 0, single_object: 1, two_object: 0, counting: 0, colors: {c}, color_attr: 0}}"
+    source = PromptSource(_cfg(weights.format(c=1), "prompts.eval_n=200"))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("drawing training prompts hung"))
+    signal.alarm(60)
+    try:
+        for iteration in range(5):
+            drawn = source.for_iteration(iteration, 8)
+            assert len(drawn) == 8 and not {r["prompt"] for r in drawn} & source.held_out
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert drawn == PromptSource(_cfg(weights.format(c=1), "prompts.eval_n=200")).for_iteration(4, 8)  # reproducible
+    exhausted = PromptSource(_cfg(weights.format(c=0), "prompts.eval_n=200"))
+    with pytest.raises(SpatialScoreError, match=r"prompts.eval_n=200.*prompts.tag_weights"):
+        exhausted.for_iteration(0, 4)
+
+
 def _lora(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step-{step}" / "lora.safetensors"))
 

@@ -119,6 +119,8 @@ def _file_prompts(path: str, field: str) -> list[dict]:
 class PromptSource:
     """Training prompts for each iteration and the fixed evaluation set; training never draws an evaluation prompt."""
 
+    MAX_DRAWS = 200  # batches of training prompts drawn per iteration before the set is declared exhausted
+
     def __init__(self, cfg: GrpoConfig):
         p = self.cfg = cfg.prompts
         self.seed = cfg.train.seed
@@ -140,11 +142,17 @@ class PromptSource:
         if self.pool is not None:
             return [rng.choice(self.pool) for _ in range(n)]
         out: list[dict] = []
-        while len(out) < n:
-            batch = _shapes_prompts(n, f"grpo-train-{self.seed}-{iteration}-{len(out)}", self.cfg.style,
+        for draw in range(self.MAX_DRAWS):  # a new key every draw: a batch of held-out prompts is not drawn again
+            batch = _shapes_prompts(n, f"grpo-train-{self.seed}-{iteration}-{draw}", self.cfg.style,
                                     self.cfg.phrasing, self.cfg.tag_weights)
             out += [r for r in batch if r["prompt"] not in self.held_out]
-        return out[:n]
+            if len(out) >= n:
+                return out[:n]
+        raise SpatialScoreError(
+            f"prompts: {self.MAX_DRAWS * n} training prompts drawn for iteration {iteration} gave only {len(out)} of "
+            f"{n} that are not evaluation prompts: the evaluation set (prompts.eval_n={self.cfg.eval_n}) holds "
+            f"(almost) every prompt that prompts.tag_weights can make (single_object has only a dozen); give weight "
+            f"to tags with more prompts, or a smaller prompts.eval_n")
 
 
 def build_reward(cfg: GrpoConfig):
