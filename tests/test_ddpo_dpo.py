@@ -538,3 +538,33 @@ def test_a_t5_text_encoder_sees_the_whole_prompt_and_swaps_in_under_a_warm_start
     assert train_generator(cfg, tmp_path / "swapped", resume=str(tmp_path / "swapped"), progress=False)["step"] == 2
     with pytest.raises(SpatialScoreError, match="model.text_encoder"):
         load_config(GeneratorConfig, None, ["model.arch=shapes_unet", "model.text_encoder=t5"])
+
+
+def test_the_shipped_unet_base_loads_and_samples_as_its_card_says():
+    """data/generators/shapes-unet is an ordinary StableDiffusionPipeline directory: it loads in fp32 from its fp16
+    files, samples 64 px images, reuses the flow base's autoencoder, and was trained by recipes/shapes/base_unet.yaml
+    with the one override its card names."""
+    import yaml
+
+    from spatialscore.models.generators import UNET_PIPELINES, load_pipeline_dir
+
+    root = Path(__file__).resolve().parents[1]
+    zoo = root / "data" / "generators" / "shapes-unet"
+    pipe = load_pipeline_dir(zoo, "model.pipeline", UNET_PIPELINES, "test")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.unet.dtype == torch.float32
+    assert sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file()) < 20 * 2**20
+    trained = yaml.safe_load((zoo / "training-config.yaml").read_text())
+    recipe = yaml.safe_load((root / "recipes" / "shapes" / "base_unet.yaml").read_text())
+    assert trained["model"].pop("autoencoder") == "data/generators/shapes-flow/vae"
+    for section in ("model", "data", "train"):
+        for key, value in recipe[section].items():
+            assert trained[section][key] == value, (section, key)
+    flow_vae = load_file(str(root / "data" / "generators" / "shapes-flow" / "vae" / "diffusion_pytorch_model.safetensors"))
+    unet_vae = load_file(str(zoo / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert flow_vae.keys() == unet_vae.keys() and all(torch.equal(flow_vae[k], unet_vae[k]) for k in flow_vae)
+    rows = [json.loads(line) for line in (zoo / "training-metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == trained["train"]["steps"] == 3000 and rows[-1]["by_tag"]["single_object"] > 0.3
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a red circle", "a blue square left of a green star"], num_inference_steps=4, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all() and images.std() > 0.01
