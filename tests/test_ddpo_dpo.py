@@ -559,8 +559,8 @@ def test_the_shipped_unet_base_loads_and_samples_as_its_card_says():
     for section in ("model", "data", "train"):
         for key, value in recipe[section].items():
             assert trained[section][key] == value, (section, key)
-    flow_vae = load_file(str(root / "data" / "generators" / "shapes-flow" / "vae" / "diffusion_pytorch_model.safetensors"))
-    unet_vae = load_file(str(zoo / "vae" / "diffusion_pytorch_model.safetensors"))
+    weights = Path("vae") / "diffusion_pytorch_model.safetensors"
+    flow_vae, unet_vae = load_file(str(zoo.parent / "shapes-flow" / weights)), load_file(str(zoo / weights))
     assert flow_vae.keys() == unet_vae.keys() and all(torch.equal(flow_vae[k], unet_vae[k]) for k in flow_vae)
     rows = [json.loads(line) for line in (zoo / "training-metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == trained["train"]["steps"] == 3000 and rows[-1]["by_tag"]["single_object"] > 0.3

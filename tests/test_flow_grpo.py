@@ -251,11 +251,12 @@ def test_training_prompts_skip_the_evaluation_set_and_an_exhausted_tag_mix_is_re
     and with nothing fresh left it stops with an error that names the settings instead of hanging."""
     from spatialscore.train.policy_gradient import PromptSource
 
-    weights = "prompts.tag_weights={{position: 0, single_object: 1, two_object: 0, counting: 0, colors: {c}, color_attr: 0}}"
-    source = PromptSource(_cfg(weights.format(c=1), "prompts.eval_n=200"))
+    weights = ("prompts.tag_weights={{position: 0, single_object: 1, two_object: 0, counting: 0, colors: {c}, "
+               "color_attr: 0}}")
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("drawing training prompts hung"))
     signal.alarm(60)
     try:
+        source = PromptSource(_cfg(weights.format(c=1), "prompts.eval_n=200"))
         for iteration in range(5):
             drawn = source.for_iteration(iteration, 8)
             assert len(drawn) == 8 and not {r["prompt"] for r in drawn} & source.held_out
@@ -263,9 +264,8 @@ def test_training_prompts_skip_the_evaluation_set_and_an_exhausted_tag_mix_is_re
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert drawn == PromptSource(_cfg(weights.format(c=1), "prompts.eval_n=200")).for_iteration(4, 8)  # reproducible
-    exhausted = PromptSource(_cfg(weights.format(c=0), "prompts.eval_n=200"))
     with pytest.raises(SpatialScoreError, match=r"prompts.eval_n=200.*prompts.tag_weights"):
-        exhausted.for_iteration(0, 4)
+        PromptSource(_cfg(weights.format(c=0), "prompts.eval_n=200"))  # refused before any run directory exists
 
 
 def _lora(run: Path, step: int) -> dict[str, torch.Tensor]:

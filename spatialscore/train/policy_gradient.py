@@ -136,6 +136,7 @@ class PromptSource:
             if not self.pool:
                 raise SpatialScoreError(f"prompts.file: {p.file}: every prompt is also an evaluation prompt")
         self.held_out = held_out
+        self.for_iteration(0, cfg.sample.prompts_per_iter)  # an exhausted tag mix fails here, before the run starts
 
     def for_iteration(self, iteration: int, n: int) -> list[dict]:
         rng = random.Random(f"grpo-train-{self.seed}-{iteration}")
