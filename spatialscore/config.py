@@ -105,6 +105,11 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     head_hidden: int = 128
+    tiny_layers: int = 2  # qwen2_5_vl tiny: language layers
+    tiny_hidden: int = 128  # qwen2_5_vl tiny: language width
+    train_backbone: bool = False  # qwen2_5_vl: train every backbone weight too (a tiny backbone from scratch)
+    prune_layer: int | None = None  # qwen2_5_vl: vision-token pruning from this language layer on (None: off)
+    prune_keep: float = 1.0  # qwen2_5_vl: the share of vision tokens kept from prune_layer on
 
 
 @dataclass
@@ -119,9 +124,14 @@ class RewardDataConfig:
     phrasing: str = "all"
     tag_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {position: 3, long: 3}
     rough: float = 0.0  # generated training pairs: share drawn rough, like a generator's images (data/augment.py)
+    # pixels per side the pairs are drawn (or read) at; None: model.image_size. A model that resizes its input
+    # itself (qwen2_5_vl) can read small drawings at a large processor size without holding large pixels
+    image_size: int | None = None
 
     def __post_init__(self):
         _check_tags("data", self.style, self.phrasing, self.tag_weights)
+        if self.image_size is not None and self.image_size < 16:
+            raise SpatialScoreError(f"data.image_size must be >= 16 pixels or null, got {self.image_size}")
         _check_share("data.rough", self.rough)
 
 

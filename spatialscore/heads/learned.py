@@ -28,15 +28,49 @@ class SpatialScoreHead(RewardHead):
 
     bounded = False
 
-    def __init__(self, checkpoint: str | None = None, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, checkpoint: str | None = None, batch_size: int = 32, device: str = "cpu",
+                 prune_layer: int | None = None, prune_keep: float | None = None, quantize: str | None = None,
+                 calibration: int = 0):
+        """`prune_layer` / `prune_keep`: vision-token pruning of a qwen2_5_vl model (overriding its saved config);
+        `quantize: int8`: dynamic int8 linear layers for CPU scoring, with a bias correction measured on
+        `calibration` faithful shapes-world images when > 0 (spatialscore/models/quantize.py)."""
         checkpoint = checkpoint or os.environ.get(CHECKPOINT_ENV)
         if not checkpoint:
             raise SpatialScoreError(f"head 'spatialscore' needs a reward-model checkpoint (a run or checkpoint "
                                     f"directory): pass get_head('spatialscore', checkpoint=...) or set {CHECKPOINT_ENV}")
         if batch_size < 1:
             raise SpatialScoreError(f"head 'spatialscore': batch_size must be >= 1, got {batch_size}")
+        if quantize not in (None, "int8"):
+            raise SpatialScoreError(f"head 'spatialscore': quantize must be 'int8' or unset, got {quantize!r}")
+        if quantize and device != "cpu":
+            raise SpatialScoreError(f"head 'spatialscore': quantize=int8 is for CPU scoring, got device={device!r}")
+        if calibration < 0 or (calibration and not quantize):
+            raise SpatialScoreError("head 'spatialscore': calibration (images for the int8 bias correction) needs "
+                                    "quantize=int8 and a count >= 0")
         self.model = load_model(checkpoint).to(device).eval()
         self.batch_size, self.device = batch_size, device
+        if prune_layer is not None or prune_keep is not None:
+            if not hasattr(self.model, "set_pruning"):
+                raise SpatialScoreError(f"head 'spatialscore': prune_layer / prune_keep need a model with vision "
+                                        f"tokens (qwen2_5_vl); {checkpoint} is {self.model.arch!r}")
+            self.model.set_pruning(prune_layer, 1.0 if prune_keep is None else prune_keep)
+        self.quantized = None
+        if quantize:
+            from spatialscore.models.quantize import quantize_int8
+
+            self.quantized = quantize_int8(self.model, self._calibration(calibration) if calibration else None)
+
+    def _calibration(self, n: int):
+        """Runs the model on n faithful shapes-world images of their prompts (a seed no recipe trains on)."""
+        from spatialscore.data.tensors import generated_pairs
+
+        data = generated_pairs(n, seed=424242, style="mixed", phrasing="all", image_size=128, progress=False)
+
+        def run():
+            for start in range(0, n, self.batch_size):
+                index = torch.arange(start, min(start + self.batch_size, n))
+                self.model(data.images("chosen", index).to(self.device), [data.prompts[i] for i in index.tolist()])
+        return run
 
     @classmethod
     def example_kwargs(cls, tmp_path: Path) -> dict:

@@ -82,11 +82,12 @@ def accuracy_report(mu_c: torch.Tensor, mu_r: torch.Tensor, kinds: list[list[str
 
 def load_data(cfg: RewardConfig, split: str, progress: bool) -> PairTensors:
     path = cfg.data.train if split == "train" else cfg.data.val
+    size = cfg.data.image_size or cfg.model.image_size
     if path:
-        return file_pairs(path, cfg.model.image_size)
+        return file_pairs(path, size)
     n, seed = (cfg.data.n_train, cfg.data.seed) if split == "train" else (cfg.data.n_val, cfg.data.val_seed)
     dense = split == "train" and cfg.train.aux_weight > 0 and cfg.model.arch == "relation"
-    return generated_pairs(n, seed, cfg.data.style, cfg.data.phrasing, cfg.model.image_size,
+    return generated_pairs(n, seed, cfg.data.style, cfg.data.phrasing, size,
                            target_grid=cfg.model.grid if dense else 0,
                            tag_weights=dict(cfg.data.tag_weights) if split == "train" else None, progress=progress,
                            rough=cfg.data.rough if split == "train" else 0.0)
