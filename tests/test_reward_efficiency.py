@@ -168,3 +168,20 @@ def test_bad_efficiency_options_are_refused(tmp_path):
         get_head("spatialscore", checkpoint=checkpoint, calibration=8)
     with pytest.raises(SpatialScoreError, match="qwen2_5_vl"):
         get_head("spatialscore", checkpoint=checkpoint, prune_layer=1, prune_keep=0.5)
+
+
+def test_train_backbone_trains_and_saves_every_backbone_weight(tmp_path):
+    model = _model(train_backbone=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.visual.patch_embed.proj.weight" in trainable
+    assert "backbone.language_model.layers.0.mlp.up_proj.weight" in trainable
+    mu, _ = model(_images(), PROMPTS)
+    mu.sum().backward()
+    assert model.backbone.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.backbone.language_model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded.backbone.language_model.layers[0].mlp.up_proj.weight,
+                               model.backbone.language_model.layers[0].mlp.up_proj.weight)
+    assert "backbone.visual.patch_embed.proj.weight" not in _model().saved_state()  # LoRA-only by default

@@ -182,10 +182,12 @@ class QwenRewardModel(RewardModel):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         torch.manual_seed(config["seed"])  # the adapter and head start the same whichever way the backbone came
-        self.backbone.requires_grad_(bool(config["train_backbone"]))
+        self.backbone.requires_grad_(False)
         lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
                           target_modules=list(config["lora_target_modules"]))
         inject_adapter_in_model(lora, self.backbone.language_model)
+        if config["train_backbone"]:  # after the injection, which leaves only the adapters trainable
+            self.backbone.requires_grad_(True)
         table = self.backbone.get_input_embeddings().weight
         self.reward_embedding = torch.nn.Parameter(table.detach().mean(0).clone())
         self.head = GaussianHead(table.shape[1], config["head_hidden"])
