@@ -4,7 +4,7 @@ as 256 vision tokens, recipes/shapes/reward_qwen.yaml).
 
     .venv/bin/python benchmarks/reward_efficiency.py --checkpoint runs/reward-qwen [--pairs 1000] [--repeats 3]
 
-Without --checkpoint it first trains that recipe into runs/reward-qwen (~50 min on 2 CPU cores).
+Without --checkpoint it first trains that recipe into runs/reward-qwen (57 min on 2 CPU cores).
 
 Settings: the full model; pruned at every (L, r) of --layers x --keeps (every vision token through the first L
 language layers, then the share r the text and <reward> tokens attend to most); int8 (dynamic int8 linear layers,
@@ -48,7 +48,7 @@ def _checkpoint(path: str | None) -> str:
     return str(out)
 
 
-def _heads(checkpoint: str, layers: list[int], keeps: list[float]) -> dict[str, dict]:
+def _settings(layers: list[int], keeps: list[float]) -> dict[str, dict]:
     """Setting name -> the spatialscore head's options."""
     settings = {"full": {}}
     for layer in layers:
@@ -72,8 +72,10 @@ def _throughput(heads: dict, images: torch.Tensor, prompts: list[str], repeats: 
 
 
 def _accuracy(head, data) -> dict:
-    mu_c, mu_r = score_pairs(lambda images, prompts, meta: head.score(images, prompts, meta or [{}] * len(prompts)).scores,
-                             data, batch_size=32)
+    def score(images, prompts, meta):
+        return head.score(images, prompts, meta or [{}] * len(prompts)).scores
+
+    mu_c, mu_r = score_pairs(score, data, batch_size=32)
     return accuracy_report(mu_c, mu_r, data.kinds)
 
 
@@ -94,7 +96,7 @@ def main() -> None:
     index = torch.arange(min(args.throughput_images, len(data)))
     images, prompts = data.images("chosen", index), [data.prompts[i] for i in index.tolist()]
 
-    options = _heads(checkpoint, args.layers, args.keeps)
+    options = _settings(args.layers, args.keeps)
     heads = {name: get_head("spatialscore", checkpoint=checkpoint, **kw) for name, kw in options.items()}
     tokens = heads["full"].model.config["image_size"] ** 2 // (14 * 14 * 4)
     results = {name: {"options": options[name]} for name in heads}
@@ -106,10 +108,14 @@ def main() -> None:
     pruned = [n for n in results if n.startswith("prune")]
     first = _throughput(heads, images, prompts, args.repeats)  # only to choose the best pruned setting
     within = [n for n in pruned if results[n]["accuracy"]["overall"] >= full - 0.01]
-    best = max(within, key=lambda n: first[n]) if within else max(pruned, key=lambda n: results[n]["accuracy"]["overall"])
+    if within:
+        best = max(within, key=lambda n: first[n])
+    else:
+        best = max(pruned, key=lambda n: results[n]["accuracy"]["overall"])
     combined = f"{best} + int8"
     heads[combined] = get_head("spatialscore", checkpoint=checkpoint, quantize="int8", **options[best])
-    results[combined] = {"options": {**options[best], "quantize": "int8"}, "accuracy": _accuracy(heads[combined], data)}
+    results[combined] = {"options": {**options[best], "quantize": "int8"},
+                         "accuracy": _accuracy(heads[combined], data)}
     speeds = _throughput(heads, images, prompts, args.repeats)  # every setting, the combination too, side by side
 
     for name in results:

@@ -6,9 +6,9 @@ output drifts by (W - Q(W)) m on average. The correction (Nagel et al., 2019, "d
 correction, here with a few calibration inputs instead of batch-norm statistics) measures m for every linear layer
 on calibration batches in full precision and adds (W - Q(W)) m to the layer's bias.
 
-LoRA adapters are merged into their base weights first (and removed), so each projection is one int8 matrix. The Gaussian head
-stays in float: it is two small layers whose error would fall straight on the score. Scoring only: a quantized
-model cannot be trained.
+LoRA adapters are merged into their base weights first (and removed), so each projection is one int8 matrix. The
+Gaussian head stays in float: it is two small layers whose error would fall straight on the score. Scoring only: a
+quantized model cannot be trained.
 """
 
 from __future__ import annotations

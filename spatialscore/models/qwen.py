@@ -71,8 +71,9 @@ def tiny_backbone_config(tokenizer: PreTrainedTokenizerFast, layers: int = 2, hi
                        "out_hidden_size": hidden, "patch_size": PATCH, "spatial_merge_size": MERGE,
                        "temporal_patch_size": 2, "window_size": 4 * PATCH * MERGE, "fullatt_block_indexes": [0]},
         text_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-                     "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), "vocab_size": len(tokenizer), "bos_token_id": None,
-                     "eos_token_id": None, "max_position_embeddings": 2048,
+                     "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+                     "vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": None,
+                     "max_position_embeddings": 2048,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
         image_token_id=ids(IMAGE_PAD), video_token_id=ids(VIDEO_PAD), vision_start_token_id=ids(VISION_START),
         vision_end_token_id=ids(VISION_END), pad_token_id=tokenizer.pad_token_id)
@@ -231,7 +232,7 @@ class QwenRewardModel(RewardModel):
         pixels = size * size
         low, high = processor.size.shortest_edge, processor.size.longest_edge
         return (size % factor == 0 and (low is None or low <= pixels) and (high is None or pixels <= high)
-                and processor.do_normalize and processor.temporal_patch_size >= 1)
+                and processor.do_normalize)
 
     def _encode_in_torch(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The processor's output for images already at its size: CLIP-normalised pixels in Qwen2-VL's patch
@@ -277,7 +278,8 @@ class QwenRewardModel(RewardModel):
         at = torch.where(is_reward, positions, -1).argmax(1)
         return self.head(hidden[torch.arange(ids.shape[0], device=ids.device), at].float())
 
-    def _pruned_forward(self, ids: torch.Tensor, embeds: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pruned_forward(self, ids: torch.Tensor, embeds: torch.Tensor,
+                        batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's forward with the language model's layers run here, so that vision tokens can leave the
         sequence part-way: (last hidden state [B, S'], the kept positions [B, S'] in the input sequence)."""
         backbone = self.backbone
