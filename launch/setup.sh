@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything spatialscore needs on a fresh machine: Debian tesseract-ocr, a .venv with the exact pins of
+# Set up everything spatialscore needs on a fresh machine: Debian tesseract-ocr and chromium, a .venv with the exact pins of
 # launch/constraints.txt, and the package installed editable. Idempotent: when nothing changed it returns in ~1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,15 @@ if ! command -v tesseract >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get install -y -q tesseract-ocr >/dev/null 2>&1 || {
         $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q tesseract-ocr >/dev/null
+    }
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "[setup] installing Debian chromium (the leaderboard report's test opens the page headless)" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || {
+        $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null
     }
 fi
 

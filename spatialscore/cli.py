@@ -7,6 +7,7 @@ people (SpatialScoreError) print as `error: ...` and exit with code 2, never as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -30,9 +31,15 @@ def _info(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _print_json(args, value) -> None:
+    """--json results go to the real stdout; while a verb runs under --json, anything else it prints (progress lines
+    of the trainers) goes to stderr, so stdout stays one JSON document."""
+    print(json.dumps(value, indent=2, sort_keys=True), file=getattr(args, "stdout", None) or sys.stdout)
+
+
 def _emit(args, result: dict, human: str) -> None:
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        _print_json(args, result)
         _info(human)
     else:
         print(human)
@@ -41,7 +48,7 @@ def _emit(args, result: dict, human: str) -> None:
 def _print_rows(args, rows: list[tuple], columns: dict[str, int]) -> None:
     """A listing: JSON objects with --json, else aligned columns (width 0: the rest of the line)."""
     if args.json:
-        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        _print_json(args, [dict(zip(columns, row)) for row in rows])
         return
     for row in rows:
         print(" ".join(f"{value:<{width}}" if width else str(value) for value, width in zip(row, columns.values())))
@@ -286,13 +293,11 @@ def _is_main_process() -> bool:
 
 def _reward_head(reward: str, batch_size: int = 32):
     """--reward as a reward head: a run or checkpoint directory (any path) is a trained SpatialScore model; a bare
-    word is a registered head name (an unknown one lists the known names with a suggestion)."""
-    from spatialscore.heads import get_head
-    from spatialscore.heads.learned import SpatialScoreHead
+    word is a registered head name (an unknown one lists the known names with a suggestion); NAME=PATH builds a
+    head from a local model (spatialscore/eval/runner.py::head_from_spec)."""
+    from spatialscore.eval.runner import head_from_spec
 
-    if Path(reward).exists() or "/" in reward or "\\" in reward:
-        return SpatialScoreHead(checkpoint=reward, batch_size=batch_size)
-    return get_head(reward)
+    return head_from_spec(reward, batch_size)[1]
 
 
 def _image_size(head) -> int:
@@ -303,18 +308,124 @@ def _image_size(head) -> int:
 
 
 def cmd_eval_reward(args) -> int:
-    from spatialscore.data.tensors import file_pairs
-    from spatialscore.train.reward_model import accuracy_report, score_pairs
+    from spatialscore.eval.runner import pair_accuracy
 
-    head = _reward_head(args.reward, args.batch_size)
-    data = file_pairs(args.pairs, _image_size(head), on_error=args.on_error)
-    mu_c, mu_r = score_pairs(lambda images, prompts, meta: head(images, prompts, meta).scores, data,
-                             batch_size=args.batch_size, progress=True)
-    report = accuracy_report(mu_c, mu_r, data.kinds)
+    report = pair_accuracy(args.reward, args.pairs, args.batch_size, args.on_error)
     human = [f"pairwise accuracy {report['overall']:.4f} on {report['n_pairs']} pairs"]
     human += [f"  {k:<10} {v:.4f}" for k, v in report["by_kind"].items()]
     human += [f"  {k} perturbation(s): {v:.4f}" for k, v in report["by_n"].items()]
+    if args.db:
+        from spatialscore.eval.runner import record_reward_eval
+
+        report["run"] = record_reward_eval(args.db, report, args.name or args.reward.rstrip("/"), args.reward,
+                                           args.pairs, args.benchmark, {"batch_size": args.batch_size})
+        human.append(f"recorded as run {report['run']} in {args.db}")
     _emit(args, report, "\n".join(human))
+    return 0
+
+
+# --- evaluation and leaderboards ----------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from spatialscore.eval.benchmarks import load_benchmark
+    from spatialscore.eval.leaderboard import Leaderboard
+    from spatialscore.eval.runner import EvalSettings, evaluate_generator, parse_heads, resolve_generator
+
+    if args.images_per_prompt < 1:
+        raise SpatialScoreError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    if args.limit is not None and args.limit < 1:
+        raise SpatialScoreError(f"--limit must be >= 1, got {args.limit}")
+    if bool(args.generator) == bool(args.images):
+        raise SpatialScoreError("eval: give either --generator (sample it) or --images DIR (images made elsewhere)")
+    benchmark = load_benchmark(args.benchmark)
+    if args.generator:
+        resolve_generator(args.generator)  # fail on a bad path before loading any head
+    elif not Path(args.images).is_dir():
+        raise SpatialScoreError(f"--images {args.images}: no such directory")
+    heads = parse_heads(args.reward or "", args.batch_size)
+    settings = EvalSettings(heads=sorted(heads), images_per_prompt=args.images_per_prompt, seed=args.seed,
+                            steps=args.steps, guidance=args.guidance, limit=args.limit)
+    if args.out:
+        out = Path(args.out)
+    else:
+        from spatialscore.eval.leaderboard import RunRecord
+
+        given = args.generator or args.images
+        key = RunRecord("generator", args.name or given, benchmark.name, vars(settings), {}).key[:8]
+        label = (args.name or Path(given.rstrip("/")).name).replace("/", "_")
+        out = Path(args.db).parent / "eval" / f"{label}-{benchmark.name}-{key}"
+    db = None if args.no_db else Leaderboard(args.db)
+    try:
+        result = evaluate_generator(args.generator, benchmark, heads, settings, out, db, name=args.name,
+                                    batch_size=args.batch_size, images_dir=args.images)
+    finally:
+        if db is not None:
+            db.close()
+    metrics = result["metrics"]
+    human = [f"{result['generator']} on {benchmark.name}: {result['n_images']} images of {result['n_prompts']} "
+             f"prompts in {result['seconds']:.0f} s" + (f"; images in {out}/images" if args.generator else "")]
+    human += [f"  {k:<28} {v:.4f}" for k, v in metrics.items()]
+    if db is not None:
+        human.append(f"recorded as run {result['run']} in {args.db}")
+    _emit(args, {"run": result.get("run"), "metrics": metrics}, "\n".join(human))
+    return 0
+
+
+def cmd_leaderboard_show(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spatialscore.eval.leaderboard import Leaderboard
+
+    with Leaderboard(args.db, create=False) as db:
+        runs = db.runs(benchmark=args.benchmark)
+    if args.benchmark and not runs:
+        raise SpatialScoreError(f"--benchmark {args.benchmark}: no runs on it in {args.db}")
+    if args.json:
+        _print_json(args, [{k: r[k] for k in ("id", "kind", "model", "benchmark", "metrics", "git_rev", "created")}
+                           for r in runs])
+        return 0
+    console = Console(width=None if sys.stdout.isatty() else 240)  # piped: no truncated columns
+    for kind, groups in (("generator", "generators"), ("reward", "reward models")):
+        for benchmark in sorted({r["benchmark"] for r in runs if r["kind"] == kind}):
+            rows = [r for r in runs if r["kind"] == kind and r["benchmark"] == benchmark]
+            names = sorted({m for r in rows for m in r["metrics"]}, key=_metric_order)
+            if args.metric:
+                if args.metric not in names:
+                    raise SpatialScoreError(f"--metric {args.metric}: not among {', '.join(names)}")
+                names = [args.metric]
+            main = args.metric or ("oracle" if "oracle" in names else "accuracy" if "accuracy" in names else names[0])
+            rows.sort(key=lambda r: -r["metrics"].get(main, float("-inf")))
+            table = Table(title=f"{groups} on {benchmark} (by {main})")
+            table.add_column("#", justify="right")
+            table.add_column("model", no_wrap=True)
+            for name in names:
+                table.add_column(name.removeprefix("oracle/").removeprefix("accuracy/"), justify="right", no_wrap=True)
+            table.add_column("run", justify="right")
+            for rank, run in enumerate(rows, 1):
+                cells = [f"{run['metrics'][n]:.3f}" if n in run["metrics"] else "-" for n in names]
+                table.add_row(str(rank), run["model"], *cells, str(run["id"]))
+            console.print(table)
+    if not runs:
+        _info(f"{args.db}: no runs yet")
+    return 0
+
+
+def _metric_order(name: str) -> tuple:
+    """The headline first (oracle / accuracy), then tags, clause kinds, then head means."""
+    rank = {"oracle": 0, "accuracy": 0}.get(name)
+    if rank is None:
+        rank = 2 if name.startswith(("oracle/clause/", "accuracy/n=")) else 1 if name.count("/") == 1 else 3
+    return rank, name
+
+
+def cmd_leaderboard_report(args) -> int:
+    from spatialscore.eval.leaderboard import Leaderboard
+    from spatialscore.eval.report import write_report
+
+    with Leaderboard(args.db, create=False) as db:
+        path = write_report(db, Path(args.out))
+    _emit(args, {"report": str(path)}, f"report: {path}")
     return 0
 
 
@@ -353,9 +464,16 @@ def cmd_heads_ls(args) -> int:
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from spatialscore.demo import run_demo
+    import dataclasses
 
-    result = run_demo(Path(args.out) if args.out else _default_out("demo"), n_prompts=args.prompts, n_pairs=args.pairs)
+    from spatialscore.demo import DemoSizes, run_demo
+
+    sizes = DemoSizes.quick() if args.quick else DemoSizes()
+    if args.grpo_iterations is not None:
+        if args.grpo_iterations < 1:
+            raise SpatialScoreError(f"--grpo-iterations must be >= 1, got {args.grpo_iterations}")
+        sizes = dataclasses.replace(sizes, grpo_iterations=args.grpo_iterations)
+    result = run_demo(Path(args.out), sizes)
     _emit(args, result, result.pop("summary"))
     return 0
 
@@ -484,7 +602,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--db", help="also record the accuracies in this leaderboard (e.g. runs/leaderboard.sqlite)")
+    p.add_argument("--name", help="the reward model's name on the leaderboard (default: --reward as given)")
+    p.add_argument("--benchmark", help="the pair set's name on the leaderboard (default: its directory name)")
     p.set_defaults(func=cmd_eval_reward)
+
+    p = _parser(verbs, "eval", "evaluate a generator on a prompt benchmark: images, reward heads, the oracle, the "
+                "leaderboard",
+                "spatialscore eval --generator shapes-flow --benchmark shapes-short --reward "
+                "spatialscore=data/reward/shapes-spatialscore --images-per-prompt 4 --seed 0 --json\n"
+                "spatialscore eval --images geneval-outputs/ --benchmark geneval --name my-model --reward clip=models/clip")
+    p.add_argument("--generator", help="a pipeline directory, a training run (its final/pipeline) or a shipped "
+                                       "generator (shapes-flow, shapes-unet)")
+    p.add_argument("--images", help="instead of --generator: images made elsewhere, DIR/00000.png ... or GenEval's "
+                                    "DIR/00000/samples/0000.png (every image of a prompt is scored)")
+    p.add_argument("--benchmark", required=True, help="a shipped benchmark name (data/benchmarks/) or a prompt "
+                                                        "file: GenEval metadata .jsonl, T2I-CompBench .txt, "
+                                                        "DPG-Bench .csv")
+    p.add_argument("--reward", help="reward heads, comma-separated: NAME, NAME=PATH or LABEL=PATH (a trained "
+                                    "SpatialScore model); the oracle always judges prompts with metadata")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--name", help="the generator's name on the leaderboard (default: from --generator)")
+    p.add_argument("--out", help="where the images go (default: next to the DB, eval/<name>-<benchmark>-<key>)")
+    p.add_argument("--db", default=str(Path("runs") / "leaderboard.sqlite"), help="the leaderboard file")
+    p.add_argument("--no-db", action="store_true", help="do not record the run")
+    p.set_defaults(func=cmd_eval)
+
+    board = _parser(verbs, "leaderboard", "show the leaderboard or write its HTML report",
+                    "spatialscore leaderboard show --benchmark shapes-short\n"
+                    "spatialscore leaderboard report --out runs/report")
+    board_verbs = board.add_subparsers(dest="leaderboard_verb", metavar="<command>", required=True)
+    p = _parser(board_verbs, "show", "rank generators and reward models per benchmark",
+                "spatialscore leaderboard show --benchmark shapes-short --metric oracle/position")
+    p.add_argument("--db", default=str(Path("runs") / "leaderboard.sqlite"))
+    p.add_argument("--benchmark")
+    p.add_argument("--metric", help="rank by this metric (and show only it)")
+    p.set_defaults(func=cmd_leaderboard_show)
+    p = _parser(board_verbs, "report", "write a self-contained HTML report: rankings, reward-model table, image "
+                "grids, plots", "spatialscore leaderboard report --out runs/report")
+    p.add_argument("--db", default=str(Path("runs") / "leaderboard.sqlite"))
+    p.add_argument("--out", required=True, help="directory for index.html")
+    p.set_defaults(func=cmd_leaderboard_report)
 
     p = _parser(verbs, "score", "score images against a prompt with a reward model",
                 "spatialscore score --reward runs/reward --prompt \"a red circle left of a blue square\" a.png b.png")
@@ -498,11 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(head_verbs, "ls", "list registered reward heads and where they come from", "spatialscore heads ls")
     p.set_defaults(func=cmd_heads_ls)
 
-    p = _parser(verbs, "demo", "the shapes world end to end: prompts, faithful images, pairs, oracle reports",
-                "spatialscore demo --out runs/demo --prompts 200 --pairs 500")
-    p.add_argument("--out")
-    p.add_argument("--prompts", type=int, default=200)
-    p.add_argument("--pairs", type=int, default=500)
+    p = _parser(verbs, "demo", "the shapes world end to end: pairs, SpatialScore vs a CLIP baseline, Flow-GRPO, "
+                "evaluation, leaderboard, report (~45 min on 2 CPU cores; reruns reuse finished stages)",
+                "spatialscore demo --out runs/demo")
+    p.add_argument("--out", default=str(Path("runs") / "demo"), help="where everything goes (default runs/demo)")
+    p.add_argument("--grpo-iterations", type=int, help="Flow-GRPO iterations (default 100, ~10 s each)")
+    p.add_argument("--quick", action="store_true", help="every stage tiny: checks the wiring in a few minutes")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -520,8 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    args.stdout = sys.stdout
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            return args.func(args)
     except SpatialScoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -110,6 +110,7 @@ class ModelConfig:
     train_backbone: bool = False  # qwen2_5_vl: train every backbone weight too (a tiny backbone from scratch)
     prune_layer: int | None = None  # qwen2_5_vl: vision-token pruning from this language layer on (None: off)
     prune_keep: float = 1.0  # qwen2_5_vl: the share of vision tokens kept from prune_layer on
+    init: str | None = None  # warm start: every saved weight of a trained reward model (run or checkpoint dir)
 
 
 @dataclass

@@ -104,6 +104,25 @@ def _both_targets(data: PairTensors, index: torch.Tensor, device) -> dict[str, t
     return both
 
 
+def warm_start(model: RewardModel, init: str) -> None:
+    """model.init: copy every saved weight of a trained model of the same architecture and shape (fine-tuning)."""
+    from spatialscore.config import project_path
+    from spatialscore.models.base import load_model
+
+    try:
+        source = load_model(project_path(init))
+    except SpatialScoreError as err:
+        raise SpatialScoreError(f"model.init: {err}") from None
+    if source.arch != model.arch:
+        raise SpatialScoreError(f"model.init: {init} is a {source.arch!r} model; this recipe builds {model.arch!r}")
+    try:
+        model.load_state_dict(source.saved_state(), strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise SpatialScoreError(f"model.init: {init} does not fit this recipe's model ({first}); the model "
+                                f"settings must match the ones it was trained with") from None
+
+
 def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepspeed: str | None = None,
                  precision: str = "no", progress: bool = True) -> dict:
     t = cfg.train
@@ -120,6 +139,8 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
         zero_stage = plugin.zero_stage
     seed_everything(t.seed)
     model: RewardModel = build_model(dataclasses.asdict(cfg.model))
+    if cfg.model.init and not resume:
+        warm_start(model, cfg.model.init)
     with accelerator.main_process_first():
         train_data, val_data = load_data(cfg, "train", progress and main), load_data(cfg, "val", progress and main)
     params = [p for p in model.parameters() if p.requires_grad]
