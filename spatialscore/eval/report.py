@@ -43,8 +43,8 @@ th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; }
 .images { display: flex; flex-wrap: wrap; gap: 6px; }
-figure { margin: 0; width: 128px; }
-figure img, .missing { width: 128px; height: 128px; image-rendering: pixelated; display: block;
+figure { margin: 0; width: 96px; }
+figure img, .missing { width: 96px; height: 96px; image-rendering: pixelated; display: block;
                        border: 1px solid #ccc; box-sizing: border-box; }
 .missing { border: 2px dashed #c00; color: #c00; display: flex; align-items: center; justify-content: center;
            text-align: center; font-size: 12px; overflow-wrap: anywhere; }
@@ -223,7 +223,7 @@ def _caption(scores: dict) -> str:
 
 def _figure(image: dict, roots: list[Path]) -> str:
     uri = _data_uri(image["path"], roots)
-    picture = (f'<img src="{uri}" width="128" height="128" alt="sample {image["sample"]}">' if uri else
+    picture = (f'<img src="{uri}" width="96" height="96" alt="sample {image["sample"]}">' if uri else
                f'<div class="missing">missing<br>{escape(Path(image["path"]).name)}</div>')
     return f"<figure>{picture}<figcaption>{_caption(image['scores'])}</figcaption></figure>"
 
