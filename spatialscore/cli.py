@@ -300,13 +300,6 @@ def _reward_head(reward: str, batch_size: int = 32):
     return head_from_spec(reward, batch_size)[1]
 
 
-def _image_size(head) -> int:
-    """The size a head's images are resized to: a trained SpatialScore model's own, else the shapes world's 128."""
-    from spatialscore.heads.learned import SpatialScoreHead
-
-    return head.model.config.get("image_size", 128) if isinstance(head, SpatialScoreHead) else 128
-
-
 def cmd_eval_reward(args) -> int:
     from spatialscore.eval.runner import pair_accuracy
 
@@ -327,29 +320,40 @@ def cmd_eval_reward(args) -> int:
 # --- evaluation and leaderboards ----------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from spatialscore.eval.benchmarks import load_benchmark
-    from spatialscore.eval.leaderboard import Leaderboard
-    from spatialscore.eval.runner import EvalSettings, evaluate_generator, parse_heads, resolve_generator
+    from spatialscore.eval.benchmarks import in_shapes_world, load_benchmark
+    from spatialscore.eval.leaderboard import Leaderboard, RunRecord
+    from spatialscore.eval.runner import EvalSettings, evaluate_generator, head_specs, parse_heads, resolve_generator
 
-    if args.images_per_prompt < 1:
-        raise SpatialScoreError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
-    if args.limit is not None and args.limit < 1:
-        raise SpatialScoreError(f"--limit must be >= 1, got {args.limit}")
+    if args.list:
+        from spatialscore.eval.benchmarks import list_benchmarks
+
+        _print_rows(args, list_benchmarks(), {"name": 14, "format": 14, "prompts": 8, "description": 0})
+        return 0
+    if not args.benchmark:
+        raise SpatialScoreError("eval: --benchmark NAME_OR_FILE is required (--list shows the shipped ones)")
+    for flag in ("images_per_prompt", "batch_size", "steps", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SpatialScoreError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if bool(args.generator) == bool(args.images):
         raise SpatialScoreError("eval: give either --generator (sample it) or --images DIR (images made elsewhere)")
     benchmark = load_benchmark(args.benchmark)
     if args.generator:
-        resolve_generator(args.generator)  # fail on a bad path before loading any head
+        source = str(resolve_generator(args.generator).resolve())  # a bad path fails before any head loads
     elif not Path(args.images).is_dir():
         raise SpatialScoreError(f"--images {args.images}: no such directory")
+    else:
+        source = str(Path(args.images).resolve())
+    records = benchmark.records[: args.limit] if args.limit else benchmark.records
+    if not args.reward and not any(in_shapes_world(r) for r in records):
+        raise SpatialScoreError(f"eval: nothing would be measured: {benchmark.name} has no prompts the shapes-world "
+                                f"oracle can judge, so give --reward HEAD[,HEAD...]")
     heads = parse_heads(args.reward or "", args.batch_size)
-    settings = EvalSettings(heads=sorted(heads), images_per_prompt=args.images_per_prompt, seed=args.seed,
-                            steps=args.steps, guidance=args.guidance, limit=args.limit)
+    settings = EvalSettings(heads=head_specs(args.reward or ""), images_per_prompt=args.images_per_prompt,
+                            seed=args.seed, steps=args.steps, guidance=args.guidance, limit=args.limit, source=source)
     if args.out:
         out = Path(args.out)
     else:
-        from spatialscore.eval.leaderboard import RunRecord
-
         given = args.generator or args.images
         key = RunRecord("generator", args.name or given, benchmark.name, vars(settings), {}).key[:8]
         label = (args.name or Path(given.rstrip("/")).name).replace("/", "_")
@@ -377,7 +381,7 @@ def cmd_leaderboard_show(args) -> int:
 
     from spatialscore.eval.leaderboard import Leaderboard
 
-    with Leaderboard(args.db, create=False) as db:
+    with Leaderboard(args.db, create=False) as db, db.snapshot():
         runs = db.runs(benchmark=args.benchmark)
     if args.benchmark and not runs:
         raise SpatialScoreError(f"--benchmark {args.benchmark}: no runs on it in {args.db}")
@@ -385,27 +389,33 @@ def cmd_leaderboard_show(args) -> int:
         _print_json(args, [{k: r[k] for k in ("id", "kind", "model", "benchmark", "metrics", "git_rev", "created")}
                            for r in runs])
         return 0
-    console = Console(width=None if sys.stdout.isatty() else 240)  # piped: no truncated columns
-    for kind, groups in (("generator", "generators"), ("reward", "reward models")):
+    groups = []
+    for kind, what in (("generator", "generators"), ("reward", "reward models")):
         for benchmark in sorted({r["benchmark"] for r in runs if r["kind"] == kind}):
             rows = [r for r in runs if r["kind"] == kind and r["benchmark"] == benchmark]
             names = sorted({m for r in rows for m in r["metrics"]}, key=_metric_order)
             if args.metric:
                 if args.metric not in names:
-                    raise SpatialScoreError(f"--metric {args.metric}: not among {', '.join(names)}")
+                    continue
                 names = [args.metric]
-            main = args.metric or ("oracle" if "oracle" in names else "accuracy" if "accuracy" in names else names[0])
-            rows.sort(key=lambda r: -r["metrics"].get(main, float("-inf")))
-            table = Table(title=f"{groups} on {benchmark} (by {main})")
-            table.add_column("#", justify="right")
-            table.add_column("model", no_wrap=True)
-            for name in names:
-                table.add_column(name.removeprefix("oracle/").removeprefix("accuracy/"), justify="right", no_wrap=True)
-            table.add_column("run", justify="right")
-            for rank, run in enumerate(rows, 1):
-                cells = [f"{run['metrics'][n]:.3f}" if n in run["metrics"] else "-" for n in names]
-                table.add_row(str(rank), run["model"], *cells, str(run["id"]))
-            console.print(table)
+            groups.append((what, benchmark, rows, names))
+    if args.metric and not groups:
+        known = sorted({m for r in runs for m in r["metrics"]}, key=_metric_order)
+        raise SpatialScoreError(f"--metric {args.metric}: no run has it; known: {', '.join(known) or 'none'}")
+    console = Console(width=None if sys.stdout.isatty() else 240)  # piped: no truncated columns
+    for what, benchmark, rows, names in groups:
+        main = args.metric or next((m for m in ("oracle", "accuracy") if m in names), names[0] if names else "")
+        rows.sort(key=lambda r: -r["metrics"].get(main, float("-inf")))
+        table = Table(title=f"{what} on {benchmark}" + (f" (by {main})" if main else ""))
+        table.add_column("#", justify="right")
+        table.add_column("model", no_wrap=True)
+        for name in names:
+            table.add_column(name.removeprefix("oracle/").removeprefix("accuracy/"), justify="right", no_wrap=True)
+        table.add_column("run", justify="right")
+        for rank, run in enumerate(rows, 1):
+            cells = [f"{run['metrics'][n]:.3f}" if n in run["metrics"] else "-" for n in names]
+            table.add_row(str(rank), run["model"], *cells, str(run["id"]))
+        console.print(table)
     if not runs:
         _info(f"{args.db}: no runs yet")
     return 0
@@ -423,7 +433,7 @@ def cmd_leaderboard_report(args) -> int:
     from spatialscore.eval.leaderboard import Leaderboard
     from spatialscore.eval.report import write_report
 
-    with Leaderboard(args.db, create=False) as db:
+    with Leaderboard(args.db, create=False) as db, db.snapshot():
         path = write_report(db, Path(args.out))
     _emit(args, {"report": str(path)}, f"report: {path}")
     return 0
@@ -434,8 +444,10 @@ def cmd_score(args) -> int:
     import torch
     from PIL import Image
 
+    from spatialscore.train.policy_gradient import head_image_size
+
     head = _reward_head(args.reward)
-    size = _image_size(head)
+    size = head_image_size(head) or 128  # a trained model's own input size, else the shapes world's
     images = []
     for path in args.images:
         try:
@@ -616,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "generator (shapes-flow, shapes-unet)")
     p.add_argument("--images", help="instead of --generator: images made elsewhere, DIR/00000.png ... or GenEval's "
                                     "DIR/00000/samples/0000.png (every image of a prompt is scored)")
-    p.add_argument("--benchmark", required=True, help="a shipped benchmark name (data/benchmarks/) or a prompt "
+    p.add_argument("--list", action="store_true", help="list the shipped benchmarks and exit")
+    p.add_argument("--benchmark", help="a shipped benchmark name (data/benchmarks/) or a prompt "
                                                         "file: GenEval metadata .jsonl, T2I-CompBench .txt, "
                                                         "DPG-Bench .csv")
     p.add_argument("--reward", help="reward heads, comma-separated: NAME, NAME=PATH or LABEL=PATH (a trained "

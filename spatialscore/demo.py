@@ -130,16 +130,17 @@ def _eval_reward(db_path: Path, name: str, checkpoint: str, pairs: Path, benchma
 def _eval_generator(db_path: Path, generator: str, name: str, reward: Path, sizes: DemoSizes, out: Path) -> dict:
     from spatialscore.eval.benchmarks import load_benchmark
     from spatialscore.eval.leaderboard import Leaderboard
-    from spatialscore.eval.runner import EvalSettings, evaluate_generator, parse_heads
+    from spatialscore.eval.runner import EvalSettings, evaluate_generator, head_specs, parse_heads
 
-    if (out / "metrics.json").is_file():
-        _step(f"{name}: evaluated already ({out / 'metrics.json'}), reused")
-        return json.loads((out / "metrics.json").read_text())
-    heads = parse_heads(f"spatialscore={reward}")
-    settings = EvalSettings(heads=sorted(heads), images_per_prompt=sizes.images_per_prompt, seed=0,
-                            limit=sizes.prompts)
     with Leaderboard(db_path) as db:
-        result = evaluate_generator(generator, load_benchmark(sizes.benchmark), heads, settings, out, db, name=name)
+        if (out / "metrics.json").is_file() and any(r["model"] == name for r in db.runs(kind="generator")):
+            _step(f"{name}: evaluated already ({out / 'metrics.json'}), reused")
+            return json.loads((out / "metrics.json").read_text())
+        spec = f"spatialscore={reward}"
+        settings = EvalSettings(heads=head_specs(spec), images_per_prompt=sizes.images_per_prompt, seed=0,
+                                limit=sizes.prompts)
+        result = evaluate_generator(generator, load_benchmark(sizes.benchmark), parse_heads(spec), settings, out, db,
+                                    name=name)
     m = result["metrics"]
     _step(f"{name}: oracle {m.get('oracle', float('nan')):.3f}, relation accuracy "
           f"{m.get('oracle/clause/position', float('nan')):.3f}, position prompts "
@@ -154,10 +155,32 @@ def _train_grpo(out: Path, reward: Path, sizes: DemoSizes) -> None:
     if _done(out / "result.json", "grpo"):
         return
     overrides = [f"reward.kwargs.spatialscore.checkpoint={reward}", f"train.iterations={sizes.grpo_iterations}",
-                 f"train.eval_every={sizes.grpo_iterations}", f"train.save_every={max(1, sizes.grpo_iterations // 4)}",
+                 f"train.eval_every={max(1, sizes.grpo_iterations // 4)}", "prompts.eval_n=100",
+                 f"train.save_every={max(1, sizes.grpo_iterations // 4)}",
                  *sizes.grpo_overrides]
     cfg = load_config(GrpoConfig, str(RECIPES_DIR / "shapes" / "grpo.yaml"), overrides)
     train_grpo(cfg, out, resume=_resume_from(out))
+
+
+def _claim(out: Path, sizes: DemoSizes) -> None:
+    """Make `out` the demo's directory, or refuse: a folder of something else (the demo deletes and rewrites its
+    stage folders), or a demo made with other sizes (its finished stages would be reused as if they were these)."""
+    from spatialscore.errors import SpatialScoreError
+
+    marker = out / "demo-sizes.json"
+    wanted = json.loads(json.dumps(dataclasses.asdict(sizes)))
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            changed = ", ".join(k for k in wanted if found.get(k) != wanted[k])
+            raise SpatialScoreError(f"--out {out}: holds a demo made with other settings ({changed}); give another "
+                                    f"--out, or delete {out} to start over")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise SpatialScoreError(f"--out {out}: not empty and not a demo directory (no demo-sizes.json); give a new "
+                                f"or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(wanted, indent=2))
 
 
 def run_demo(out: Path, sizes: DemoSizes | None = None) -> dict:
@@ -166,9 +189,8 @@ def run_demo(out: Path, sizes: DemoSizes | None = None) -> dict:
 
     sizes = sizes or DemoSizes()
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, sizes)
     db = out / "leaderboard.sqlite"
-    atomic_write_text(out / "demo-sizes.json", json.dumps(dataclasses.asdict(sizes), indent=2))
 
     train_pairs = _make_pairs(out / "pairs" / "train", sizes.train_pairs, PairSpec(seed=0, phrasing="all", rough=0.5))
     heldout = _make_pairs(out / "pairs" / "heldout", sizes.heldout_pairs,

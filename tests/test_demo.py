@@ -39,3 +39,16 @@ def test_quick_demo_end_to_end_and_rerun_reuses(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and (out / "grpo" / "result.json").is_file() and (out / "grpo" / "eval").is_dir()
+
+
+def test_demo_refuses_a_foreign_folder_and_other_sizes(tmp_path, capsys):
+    mine = tmp_path / "experiments"
+    (mine / "reward").mkdir(parents=True)
+    (mine / "reward" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(mine)]) == 2
+    assert "not a demo directory" in capsys.readouterr().err and (mine / "reward" / "notes.txt").is_file()
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo-sizes.json").write_text(json.dumps({"train_pairs": 1}))
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err

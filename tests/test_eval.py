@@ -57,7 +57,7 @@ def test_geneval_metadata_images_judged_by_the_rule_scorer(tmp_path, capsys):
     assert code == 0, _
     assert result["metrics"]["oracle"] == 1.0
     assert {k for k in result["metrics"] if k.startswith("oracle/") and "clause" not in k} == \
-        {f"oracle/{p['tag']}" for p in prompts}
+        {f"oracle/{p['tag']}" for p in prompts} | {"oracle/images"}
     # the same images under the wrong prompts (shifted by one) mostly fail
     for i in range(len(prompts)):
         shutil.copy(flat / f"{(i + 1) % len(prompts):05d}.png", layout / f"{i:05d}" / "samples" / "0000.png")
@@ -70,6 +70,8 @@ def test_geneval_metadata_images_judged_by_the_rule_scorer(tmp_path, capsys):
 
 def test_eval_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     db = str(tmp_path / "lb.sqlite")
+    bare = tmp_path / "spatial_val.txt"  # T2I-CompBench: prompts without metadata
+    bare.write_text("a dog on the left of a cat\n")
     cases = [
         (["--generator", str(tmp_path / "nope"), "--benchmark", "shapes-short"], "not a pipeline directory"),
         (["--benchmark", "shapes-short"], "either --generator"),
@@ -79,7 +81,28 @@ def test_eval_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
         (["--generator", "shapes-flow", "--benchmark", "shapes-short", "--images-per-prompt", "0"],
          "--images-per-prompt"),
         (["--images", str(tmp_path / "none"), "--benchmark", "shapes-short"], "no such directory"),
+        (["--generator", "shapes-flow"], "--benchmark NAME_OR_FILE is required"),
+        (["--generator", "shapes-flow", "--benchmark", "shapes-short", "--batch-size", "0"], "--batch-size"),
+        (["--generator", "shapes-flow", "--benchmark", "shapes-short", "--steps", "0"], "--steps"),
+        (["--generator", "shapes-flow", "--benchmark", str(bare)], "nothing would be measured"),
+        (["--generator", "shapes-flow", "--benchmark", "geneval"], "nothing would be measured"),  # COCO classes
     ]
     for argv, message in cases:
         code, _, err = _eval(capsys, *argv, "--db", db)
         assert code == 2 and message in err, (argv, err)
+
+
+def test_eval_lists_the_shipped_benchmarks(capsys):
+    assert main(["--json", "eval", "--list"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["shapes-short"]["prompts"] == 220 and rows["shapes-long"]["prompts"] == 100 and "geneval" in rows
+
+
+def test_oracle_overall_is_the_mean_over_tags():
+    from spatialscore.eval.runner import summarise
+
+    records = [{"tag": "a"}] * 3 + [{"tag": "b"}]
+    verdicts = [[{"passed": ok, "clauses": {"position": [ok]}}] for ok in (True, True, True, False)]
+    metrics, counts = summarise(records, {}, verdicts)
+    assert metrics["oracle"] == 0.5 and metrics["oracle/images"] == 0.75 and counts["oracle"] == 4
+    assert metrics["oracle/clause/position"] == 0.75

@@ -98,10 +98,10 @@ def test_foreign_database_is_refused(tmp_path):
     other.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
     other.commit()
     other.close()
+    before = path.read_bytes()
     with pytest.raises(SpatialScoreError, match="not a spatialscore leaderboard"):
         Leaderboard(path)
-    tables = [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")]
-    assert tables == ["customers"]
+    assert path.read_bytes() == before and not (tmp_path / "other.sqlite-wal").exists()  # not even put in WAL mode
 
 
 def test_missing_file_is_not_created_for_readers(tmp_path, capsys):
@@ -140,6 +140,31 @@ def test_leaderboard_show_ranks(tmp_path, capsys):
     assert {r["model"] for r in json.loads(capsys.readouterr().out)} == {"base", "tuned"}
     assert main(["leaderboard", "show", "--db", str(path), "--metric", "nope"]) == 2
     assert "--metric nope" in capsys.readouterr().err
+    with Leaderboard(path) as db:  # a reward run beside them, and a run that measured nothing
+        db.record(RunRecord(kind="reward", model="rm", benchmark="pairs", settings={}, metrics={"accuracy": 0.9}))
+        db.record(RunRecord(kind="generator", model="empty", benchmark="bare", settings={}, metrics={}))
+    assert main(["leaderboard", "show", "--db", str(path), "--metric", "oracle/position"]) == 0
+    out = capsys.readouterr().out
+    assert "tuned" in out and "rm" not in out  # only the tables that have the metric
+    assert main(["leaderboard", "show", "--db", str(path)]) == 0
+    assert "empty" in capsys.readouterr().out
+
+
+def test_paths_are_stored_relative_to_the_database_folder(tmp_path, monkeypatch):
+    home = tmp_path / "runs"
+    run = _run()
+    run.images = [(0, 0, str(home / "eval" / "a.png")), (1, 0, "/elsewhere/b.png")]
+    run.model_path = str(home / "grpo")
+    with Leaderboard(home / "lb.sqlite") as db:
+        run_id = db.record(run)
+        stored = [r[0] for r in db.db.execute("SELECT path FROM images ORDER BY prompt_idx")]
+    assert stored == ["eval/a.png", "/elsewhere/b.png"]
+    moved = tmp_path / "moved"
+    home.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    with Leaderboard(moved / "lb.sqlite") as db:  # the folder moved as a whole: paths follow it
+        assert db.prompts(run_id)[0]["images"][0]["path"] == str(moved / "eval" / "a.png")
+        assert db.runs()[0]["model_path"] == str(moved / "grpo")
 
 
 def test_eval_reward_records_its_accuracies(tmp_path, capsys):

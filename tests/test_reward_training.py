@@ -165,3 +165,22 @@ def test_the_shapes_recipe_learns(tmp_path):
                                              "train.eval_every=500", "train.save_every=500"])
     result = reward_model.train_reward(cfg, tmp_path / "run", progress=False)
     assert result["validation"]["overall"] >= 0.80, result["validation"]
+
+
+def test_model_init_warm_starts_and_refuses_a_model_that_does_not_fit(tmp_path):
+    from spatialscore.models.base import load_model
+
+    source = tmp_path / "source"
+    reward_model.train_reward(load_config(RewardConfig, str(RECIPE), [*TINY, "train.steps=2"]), source,
+                              progress=False)
+    cfg = load_config(RewardConfig, str(RECIPE), [*TINY, "train.steps=1", "train.lr=1e-12", f"model.init={source}"])
+    reward_model.train_reward(cfg, tmp_path / "tuned", progress=False)
+    start, tuned = load_model(source).state_dict(), load_model(tmp_path / "tuned").state_dict()
+    assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start)  # began from the source's weights
+    bad = load_config(RewardConfig, str(RECIPE), [*TINY, "model.text_dim=16", "train.steps=1", f"model.init={source}"])
+    with pytest.raises(SpatialScoreError, match="model.init"):
+        reward_model.train_reward(bad, tmp_path / "bad", progress=False)
+    other = load_config(RewardConfig, str(RECIPE), [*TINY, "model.arch=clip_dual", "train.steps=1",
+                                                     f"model.init={source}"])
+    with pytest.raises(SpatialScoreError, match="relation"):
+        reward_model.train_reward(other, tmp_path / "other", progress=False)

@@ -46,6 +46,15 @@ def is_judgeable(record: dict) -> bool:
     return bool(record.get("include"))
 
 
+def in_shapes_world(record: dict) -> bool:
+    """Whether the shapes-world oracle can judge the record: GenEval clauses that name shapes-world classes only
+    (GenEval's own COCO prompts carry clauses too, but no shapes detector can find a bench)."""
+    from spatialscore.data.vocab import SHAPES, SIGN_CLASS
+
+    entries = [*record.get("include", []), *record.get("exclude", [])]
+    return is_judgeable(record) and all(e.get("class") in (*SHAPES, SIGN_CLASS) for e in entries)
+
+
 def _t2i_compbench(path: Path) -> list[dict]:
     tag = _SPLIT_SUFFIX.sub("", path.stem)  # spatial_val.txt -> spatial, 3d_spatial_val.txt -> 3d_spatial
     with path.open(encoding="utf-8-sig") as f:

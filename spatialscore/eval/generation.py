@@ -30,6 +30,11 @@ def oracle_accuracy(images: torch.Tensor, metas: list[dict]) -> dict:
             "by_tag": {tag: float(np.mean(v)) for tag, v in sorted(by_tag.items())}}
 
 
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """An image [3, H, W] in [0, 1] as an H x W x 3 uint8 array."""
+    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None, captions: list[str] | None = None,
                pad: int = 2) -> Image.Image:
     """A grid of images [N, 3, H, W] in [0, 1], optionally each with a short caption strip under it."""
@@ -41,8 +46,7 @@ def image_grid(images: torch.Tensor, columns: int | None = None, captions: list[
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
         x, y = pad + (i % columns) * (w + pad), pad + (i // columns) * (h + strip + pad)
-        array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        grid.paste(Image.fromarray(array), (x, y))
+        grid.paste(Image.fromarray(to_uint8(image)), (x, y))
         if captions:
             draw.text((x, y + h), captions[i][: max(1, w // 6)], fill=(0, 0, 0))
     return grid

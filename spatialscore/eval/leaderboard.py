@@ -49,7 +49,7 @@ MIGRATIONS = [
         id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
         kind TEXT NOT NULL CHECK (kind IN ('generator', 'reward')),
         model_id INTEGER NOT NULL REFERENCES models (id),
-        benchmark_id INTEGER NOT NULL REFERENCES benchmarks (id),
+        benchmark_id INTEGER NOT NULL REFERENCES benchmarks (id), model_path TEXT,
         config TEXT NOT NULL, git_rev TEXT, created REAL NOT NULL, seconds REAL, out_dir TEXT);
     CREATE TABLE metrics (
         run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE, name TEXT NOT NULL,
@@ -136,20 +136,28 @@ class Leaderboard:
             raise SpatialScoreError(f"--db {self.path}: not a SQLite database (corrupt, or another kind of file); "
                                     f"it was left untouched")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.root = self.path.resolve().parent  # stored paths are relative to the file's folder where they can be
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 30000")
+            if exists:
+                self._check_ours()  # before anything that writes (WAL mode rewrites the header)
             self._retry(lambda: self.db.execute("PRAGMA journal_mode = WAL"))
             self.db.execute("PRAGMA foreign_keys = ON")
-            self._check_and_migrate()
+            self._migrate()
         except sqlite3.DatabaseError as err:
+            self.db.close()
             raise SpatialScoreError(f"--db {self.path}: unreadable SQLite database ({err}); it was left "
                                     f"untouched") from None
+        except BaseException:
+            self.db.close()
+            raise
 
     # --- opening --------------------------------------------------------------------------------------------------
 
-    def _check_and_migrate(self) -> None:
+    def _check_ours(self) -> None:
+        """Refuse another application's database, a damaged one, or one from a newer spatialscore."""
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
         if tables:
             app = None
@@ -166,7 +174,9 @@ class Leaderboard:
         if version > SCHEMA_VERSION:
             raise SpatialScoreError(f"--db {self.path}: schema version {version} was written by a newer spatialscore "
                                     f"(this one knows up to {SCHEMA_VERSION}); upgrade spatialscore to read it")
-        if version == SCHEMA_VERSION:
+
+    def _migrate(self) -> None:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return
         with self._write():
             version = self.db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
@@ -227,33 +237,55 @@ class Leaderboard:
         """Write one evaluation (replacing an earlier run with the same key) in one transaction; its run id."""
         if run.kind not in KINDS:
             raise ValueError(f"run kind {run.kind!r} is not one of {KINDS}")
+        revision = git_revision()  # outside the transaction: a subprocess must not hold the write lock
         with self._write():
             self.db.execute("DELETE FROM runs WHERE key = ?", (run.key,))
-            model = self._id("models", {"kind": run.kind, "name": run.model}, {"path": run.model_path})
+            model = self._id("models", {"kind": run.kind, "name": run.model}, {"path": self._stored(run.model_path)})
             bench = self._id("benchmarks", {"name": run.benchmark},
                              {"source": run.benchmark_source, "n_prompts": run.n_prompts})
             run_id = self.db.execute(
-                "INSERT INTO runs (key, kind, model_id, benchmark_id, config, git_rev, created, seconds, out_dir) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.key, run.kind, model, bench, json.dumps({"settings": run.settings, **run.config}, default=str),
-                 git_revision(), time.time(), run.seconds, run.out_dir)).lastrowid
+                "INSERT INTO runs (key, kind, model_id, benchmark_id, model_path, config, git_rev, created, seconds, "
+                "out_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.key, run.kind, model, bench, self._stored(run.model_path),
+                 json.dumps({"settings": run.settings, **run.config}, default=str), revision, time.time(),
+                 run.seconds, self._stored(run.out_dir))).lastrowid
             self.db.executemany("INSERT INTO metrics (run_id, name, value, n) VALUES (?, ?, ?, ?)",
                                 [(run_id, k, float(v), run.metric_counts.get(k)) for k, v in run.metrics.items()])
             self.db.executemany(
                 "INSERT INTO prompts (run_id, idx, prompt, tag, meta) VALUES (?, ?, ?, ?, ?)",
                 [(run_id, i, p["prompt"], p.get("tag"), json.dumps(p)) for i, p in enumerate(run.prompts)])
             self.db.executemany("INSERT INTO images (run_id, prompt_idx, sample, path) VALUES (?, ?, ?, ?)",
-                                [(run_id, *image) for image in run.images])
+                                [(run_id, p, s, self._stored(path)) for p, s, path in run.images])
             self.db.executemany(
                 "INSERT INTO image_scores (run_id, prompt_idx, sample, head, score) VALUES (?, ?, ?, ?, ?)",
                 [(run_id, p, s, h, None if v is None else float(v)) for p, s, h, v in run.scores])
         return run_id
 
+    def _stored(self, path: str | None) -> str | None:
+        """A path as stored: relative to the database's folder when it lies below it (the folder can then move
+        as a whole), else absolute; the readers give it back absolute."""
+        if path is None:
+            return None
+        absolute = Path(path).resolve()
+        return str(absolute.relative_to(self.root)) if absolute.is_relative_to(self.root) else str(absolute)
+
+    def resolve(self, stored: str | None) -> str | None:
+        return None if stored is None else str(self.root / stored)  # an absolute stored path stays as it is
+
     # --- reading --------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self):
+        """Reads inside see one consistent state, whatever writers commit meanwhile (WAL read transaction)."""
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")
 
     def runs(self, kind: str | None = None, benchmark: str | None = None) -> list[dict]:
         """Every run (newest first) with its model, benchmark, settings and metrics."""
-        query = ("SELECT runs.*, models.name AS model, models.path AS model_path, benchmarks.name AS benchmark "
+        query = ("SELECT runs.*, models.name AS model, benchmarks.name AS benchmark "
                  "FROM runs JOIN models ON models.id = runs.model_id "
                  "JOIN benchmarks ON benchmarks.id = runs.benchmark_id WHERE 1")
         args: list = []
@@ -267,6 +299,7 @@ class Leaderboard:
         for row in self.db.execute(query + " ORDER BY runs.created DESC, runs.id DESC", args).fetchall():
             run = dict(row)
             run["config"] = json.loads(run["config"])
+            run["model_path"], run["out_dir"] = self.resolve(run["model_path"]), self.resolve(run["out_dir"])
             run["metrics"] = {r["name"]: r["value"] for r in
                               self.db.execute("SELECT name, value FROM metrics WHERE run_id = ?", (run["id"],))}
             out.append(run)
@@ -286,7 +319,8 @@ class Leaderboard:
         for r in self.db.execute("SELECT * FROM images WHERE run_id = ? ORDER BY prompt_idx, sample", (run_id,)):
             if r["prompt_idx"] < len(prompts):
                 prompts[r["prompt_idx"]]["images"].append(
-                    {"sample": r["sample"], "path": r["path"], "scores": scores.get((r["prompt_idx"], r["sample"]), {})})
+                    {"sample": r["sample"], "path": self.resolve(r["path"]),
+                     "scores": scores.get((r["prompt_idx"], r["sample"]), {})})
         return prompts
 
     def counts(self) -> dict[str, int]:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ def resolve_generator(spec: str) -> Path:
 def generator_name(spec: str, path: Path) -> str:
     if path.parent == SHIPPED_GENERATORS:
         return path.name
-    return spec.rstrip("/").removesuffix("/final/pipeline").removesuffix("/final")
+    return str(Path(spec)).removesuffix("/final/pipeline").removesuffix("/final")  # ./runs/x/ -> runs/x
 
 
 def head_from_spec(spec: str, batch_size: int = 32):
@@ -88,12 +88,27 @@ def parse_heads(specs: str, batch_size: int = 32) -> dict:
 
 @dataclass
 class EvalSettings:
-    heads: list[str]
-    images_per_prompt: int = 4
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 4.0
+    """What makes two evaluations of one model on one benchmark differ; with the names, it keys the run. For images
+    made elsewhere (`--images`) the sampling fields are None."""
+
+    heads: list[str]  # head specs, paths resolved: another checkpoint under one label is another evaluation
+    images_per_prompt: int | None = 4
+    seed: int | None = 0
+    steps: int | None = 20
+    guidance: float | None = 4.0
     limit: int | None = None  # only the first N prompts of the benchmark
+    source: str = ""  # the resolved pipeline or image directory
+
+
+def head_specs(specs: str) -> list[str]:
+    """--reward's specs, with every PATH made absolute (the run key must not depend on the working directory)."""
+    out = []
+    for spec in (s.strip() for s in specs.split(",") if s.strip()):
+        label, sep, value = spec.partition("=")
+        if not sep and (Path(spec).exists() or "/" in spec or "\\" in spec):
+            label, sep, value = "spatialscore", "=", spec
+        out.append(f"{label}={Path(value).resolve()}" if sep else label)
+    return sorted(out)
 
 
 def image_noise(policy, seed: int, prompt: int, sample: int) -> torch.Tensor:
@@ -110,9 +125,10 @@ def hash_seed(*parts: int) -> int:
 def _save_png(image: torch.Tensor, path: Path) -> None:
     import io
 
-    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    from spatialscore.eval.generation import to_uint8
+
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -124,13 +140,16 @@ def _resized(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def _oracle(images: torch.Tensor, records: list[dict]) -> list[dict | None]:
-    """Per image: {"passed", "clauses": {kind: [passed, ...]}} for records with metadata, else None."""
+    """Per image: {"passed", "clauses": {kind: [passed, ...]}} for records the oracle can judge (GenEval metadata
+    naming shapes-world classes only), else None."""
     from spatialscore.data.oracle import judge
     from spatialscore.heads.shapes import to_pil
 
+    from spatialscore.eval.benchmarks import in_shapes_world
+
     out: list[dict | None] = []
     for image, record in zip(images, records):
-        if not record.get("include"):
+        if not in_shapes_world(record):
             out.append(None)
             continue
         verdict = judge(to_pil(image), record).verdict
@@ -143,15 +162,17 @@ def _oracle(images: torch.Tensor, records: list[dict]) -> list[dict | None]:
 
 def summarise(records: list[dict], scores: dict[str, list[list[float | None]]],
               verdicts: list[list[dict | None]]) -> tuple[dict[str, float], dict[str, int]]:
-    """Metrics and their counts: each head's mean score; the oracle's pass rate over images overall and per tag
-    (GenEval's rule score); per clause kind the share of clauses passed (`oracle/clause/position` is the relation
-    accuracy, over short and long prompts alike)."""
+    """Metrics and their counts: each head's mean score; the oracle's pass rate per tag and overall (GenEval's rule
+    score: the mean over tags); per clause kind the share of clauses passed (`oracle/clause/position` is the
+    relation accuracy, over short and long prompts alike)."""
     metrics, counts = {}, {}
     for label, per_prompt in scores.items():
         values = [v for row in per_prompt for v in row if v is not None and math.isfinite(v)]
         if values:
             metrics[label], counts[label] = float(np.mean(values)), len(values)
-    passed, by_tag, by_kind = [], defaultdict(list), defaultdict(list)
+    passed: list[bool] = []
+    by_tag: dict[str, list[bool]] = defaultdict(list)
+    by_kind: dict[str, list[bool]] = defaultdict(list)
     for record, row in zip(records, verdicts):
         for verdict in row:
             if verdict is None:
@@ -161,7 +182,11 @@ def summarise(records: list[dict], scores: dict[str, list[list[float | None]]],
             for kind, results in verdict["clauses"].items():
                 by_kind[kind] += results
     if passed:
-        metrics["oracle"], counts["oracle"] = float(np.mean(passed)), len(passed)
+        # GenEval's overall score: the mean of the per-tag pass rates (each tag weighs the same); `oracle/images`
+        # pools every image instead
+        metrics["oracle"] = float(np.mean([np.mean(v) for v in by_tag.values()]))
+        counts["oracle"] = len(passed)
+        metrics["oracle/images"], counts["oracle/images"] = float(np.mean(passed)), len(passed)
         for tag, values in sorted(by_tag.items()):
             metrics[f"oracle/{tag}"], counts[f"oracle/{tag}"] = float(np.mean(values)), len(values)
         for kind, values in sorted(by_kind.items()):
@@ -226,13 +251,15 @@ def evaluate_generator(generator: str | None, benchmark, heads: dict, settings: 
     start = time.perf_counter()
     records = benchmark.records[: settings.limit] if settings.limit else benchmark.records
     if images_dir is not None:
-        model_path = str(images_dir)
-        name = name or Path(images_dir).name
+        model_path = str(Path(images_dir).resolve())
+        name = name or str(Path(images_dir))
+        settings = replace(settings, images_per_prompt=None, seed=None, steps=None, guidance=None, source=model_path)
         batches = _read_images(Path(images_dir), records, batch_size)
         total = None
     else:
-        model_path = str(resolve_generator(generator))
-        name = name or generator_name(generator, Path(model_path))
+        model_path = str(resolve_generator(generator).resolve())
+        name = name or generator_name(generator, resolve_generator(generator))
+        settings = replace(settings, source=model_path)
         batches = _generated(generator, records, settings, out, batch_size)
         total = len(records) * settings.images_per_prompt
     scores: dict[str, dict[tuple[int, int], float | None]] = {label: {} for label in heads}
@@ -261,7 +288,6 @@ def evaluate_generator(generator: str | None, benchmark, heads: dict, settings: 
     result = {"generator": name, "benchmark": benchmark.name, "settings": asdict(settings), "metrics": metrics,
               "counts": counts, "n_prompts": len(records), "n_images": len(images_at), "seconds": seconds,
               "out": str(out)}
-    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
     if db is not None:
         image_scores = [(i, s, label, v) for label, found in scores.items() for (i, s), v in found.items()]
         image_scores += [(i, s, "oracle", None if v is None else float(v["passed"])) for (i, s), v in verdicts.items()]
@@ -270,6 +296,7 @@ def evaluate_generator(generator: str | None, benchmark, heads: dict, settings: 
             benchmark_source=benchmark.source, n_prompts=len(records), settings=asdict(settings), metrics=metrics,
             metric_counts=counts, config={"generator": generator, "images": images_dir, "batch_size": batch_size},
             prompts=records, images=images_at, scores=image_scores, seconds=seconds, out_dir=str(out)))
+    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())  # last: the run is recorded
     return result
 
 

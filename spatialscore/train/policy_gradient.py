@@ -311,7 +311,9 @@ def sample_ode(policy, cond: dict[str, torch.Tensor], steps: int, noise: torch.T
 
 
 def _judgeable(record: dict) -> bool:
-    return bool(record.get("include"))
+    from spatialscore.eval.benchmarks import in_shapes_world
+
+    return in_shapes_world(record)
 
 
 def evaluate_policy(policy, reward, size, records: list[dict], cfg: GrpoConfig, accelerator) -> tuple[dict, torch.Tensor]:

@@ -115,12 +115,18 @@ def warm_start(model: RewardModel, init: str) -> None:
         raise SpatialScoreError(f"model.init: {err}") from None
     if source.arch != model.arch:
         raise SpatialScoreError(f"model.init: {init} is a {source.arch!r} model; this recipe builds {model.arch!r}")
+    saved = source.saved_state()
     try:
-        model.load_state_dict(source.saved_state(), strict=False)
+        missing, unexpected = model.load_state_dict(saved, strict=False)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()
         raise SpatialScoreError(f"model.init: {init} does not fit this recipe's model ({first}); the model "
                                 f"settings must match the ones it was trained with") from None
+    if unexpected or set(model.saved_state()) & set(missing):
+        raise SpatialScoreError(f"model.init: {init} does not fit this recipe's model (missing "
+                                f"{sorted(set(model.saved_state()) & set(missing))[:3]}, unexpected "
+                                f"{sorted(unexpected)[:3]}); the model settings must match the ones it was "
+                                f"trained with")
 
 
 def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepspeed: str | None = None,
