@@ -23,7 +23,7 @@ from tqdm import tqdm
 from spatialscore.errors import SpatialScoreError
 from spatialscore.eval.leaderboard import Leaderboard, RunRecord
 from spatialscore.io import atomic_write_bytes
-from spatialscore.train.policy_gradient import head_image_size
+from spatialscore.train.policy_gradient import head_image_size, score_images
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,6 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _resized(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    if not size or images.shape[-1] == size:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                                           antialias=True)
-
-
 def _oracle(images: torch.Tensor, records: list[dict]) -> list[dict | None]:
     """Per image: {"passed", "clauses": {kind: [passed, ...]}} for records the oracle can judge (GenEval metadata
     naming shapes-world classes only), else None."""
@@ -194,12 +187,12 @@ def summarise(records: list[dict], scores: dict[str, list[list[float | None]]],
     return metrics, counts
 
 
-def _generated(generator: str, records: list[dict], settings: EvalSettings, out: Path, batch_size: int):
+def _generated(pipeline: Path, records: list[dict], settings: EvalSettings, out: Path, batch_size: int):
     """Batches (jobs, images, paths) sampled from a pipeline, every image saved as out/images/PPPPP-S.png."""
     from spatialscore.models.generators import FLOW_PIPELINES, UNET_PIPELINES, load_pipeline_dir, policy_for
     from spatialscore.train.policy_gradient import sample_ode
 
-    pipe = load_pipeline_dir(resolve_generator(generator), "--generator", FLOW_PIPELINES + UNET_PIPELINES, "eval")
+    pipe = load_pipeline_dir(pipeline, "--generator", FLOW_PIPELINES + UNET_PIPELINES, "eval")
     pipe.set_progress_bar_config(disable=True)
     policy = policy_for(pipe, settings.guidance)
     jobs = [(i, s) for i in range(len(records)) for s in range(settings.images_per_prompt)]
@@ -257,10 +250,11 @@ def evaluate_generator(generator: str | None, benchmark, heads: dict, settings: 
         batches = _read_images(Path(images_dir), records, batch_size)
         total = None
     else:
-        model_path = str(resolve_generator(generator).resolve())
-        name = name or generator_name(generator, resolve_generator(generator))
+        pipeline = resolve_generator(generator)
+        model_path = str(pipeline.resolve())
+        name = name or generator_name(generator, pipeline)
         settings = replace(settings, source=model_path)
-        batches = _generated(generator, records, settings, out, batch_size)
+        batches = _generated(pipeline, records, settings, out, batch_size)
         total = len(records) * settings.images_per_prompt
     scores: dict[str, dict[tuple[int, int], float | None]] = {label: {} for label in heads}
     verdicts: dict[tuple[int, int], dict | None] = {}
@@ -272,8 +266,8 @@ def evaluate_generator(generator: str | None, benchmark, heads: dict, settings: 
         for label, head in heads.items():
             usable = [k for k, r in enumerate(batch) if r.get("include") or not head.needs_meta]
             if usable:
-                values = head(_resized(images[usable], head_image_size(head)), [batch[k]["prompt"] for k in usable],
-                              [batch[k] for k in usable]).scores.float().tolist()
+                values = score_images(head, images[usable], [batch[k] for k in usable],
+                                      head_image_size(head)).tolist()
                 scores[label].update((part[k], value) for k, value in zip(usable, values))
         verdicts.update(zip(part, _oracle(images, batch)))
         bar.update(len(part))
