@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -171,30 +172,31 @@ def cmd_recipes_validate(args) -> int:
 
 # --- reward models ------------------------------------------------------------------------------------------------
 
-def _relaunch(args, argv: list[str]) -> int:
-    """Re-run this command under `accelerate launch` with N processes (gloo on CPU, DeepSpeed when asked)."""
-    import os
-    import subprocess
+def _launch(args, cfg) -> tuple[Path, str | None, int | None]:
+    """(run directory, DeepSpeed preset for this process, exit code if this process only launched others).
 
+    The launching process resolves the run directory once (every process and node must write the same one), composes
+    the launcher command for --launch/--nproc/--nnodes, prints it under --dry-run, or runs it and returns its code."""
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.nproc),
-           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    env = dict(os.environ)
-    if args.nproc > 1:
-        cmd.append("--multi_gpu")
-        if not torch.cuda.is_available() and args.launch in (None, "ddp"):
-            # `--cpu --num_processes N` silently runs one process; DeepSpeed needs the flag unset, since accelerate
-            # drops a DeepSpeed plugin for plain DDP under it (DeepSpeed brings its own CPU accelerator)
-            env["ACCELERATE_USE_CPU"] = "true"
-    cmd += ["-m", "spatialscore.cli", *argv, "--worker"]
-    return subprocess.run(cmd, env=env).returncode
+    from spatialscore import launch
 
-
-def _launched(args) -> tuple[str | None, bool]:
-    """(DeepSpeed preset or None, whether this process must re-run itself under accelerate launch)."""
-    launch = None if args.launch in (None, "ddp") else args.launch
-    return launch, (args.nproc > 1 or launch is not None) and not args.worker
+    spec = launch.spec_from_args(args)
+    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
+    if args.worker or not launch.needs_launch(spec):
+        if args.dry_run:
+            shown = [a for a in sys.argv[1:] if a != "--dry-run"]
+            print(f"# --launch single: runs in this process, no launcher\nspatialscore {shlex.join(shown)}")
+            return out, None, 0
+        return out, spec.zero, None
+    argv = [a for a in sys.argv[1:]]
+    if not args.out:
+        argv += ["--out", str(out)]
+    plan = launch.compose(spec, argv, cfg, out, cuda=torch.cuda.is_available())
+    if args.dry_run:
+        print(plan.render(), end="")
+        return out, None, 0
+    return out, None, launch.run(plan, spec)
 
 
 def cmd_train_reward(args) -> int:
@@ -202,11 +204,10 @@ def cmd_train_reward(args) -> int:
     from spatialscore.train.reward_model import train_reward
 
     cfg = load_config(RewardConfig, args.recipe, args.overrides)  # validate before launching anything
-    launch, relaunch = _launched(args)
-    if relaunch:
-        return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
-    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
-    result = train_reward(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
+    out, zero, code = _launch(args, cfg)
+    if code is not None:
+        return code
+    result = train_reward(cfg, out, resume=args.resume, deepspeed=zero, precision=args.precision)
     if args.worker and not _is_main_process():
         return 0
     _emit(args, result, f"trained {result['steps']} steps on {result['world_size']} process(es); "
@@ -237,7 +238,6 @@ def _train_rl(args, schema, train) -> int:
     from spatialscore.train.policy_gradient import PromptSource, build_reward
 
     cfg = load_config(schema, args.recipe, args.overrides)
-    launch, relaunch = _launched(args)
     if not args.worker:
         PromptSource(cfg)
         build_reward(cfg)
@@ -246,10 +246,10 @@ def _train_rl(args, schema, train) -> int:
 
             kinds = {"grpo": FLOW_PIPELINES, "ddpo": UNET_PIPELINES}.get(cfg.kind, FLOW_PIPELINES + UNET_PIPELINES)
             check_pipeline_kind(project_path(cfg.model.pipeline), "model.pipeline", kinds, f"train-{cfg.kind}")
-    if relaunch:
-        return _relaunch(args, [a for a in sys.argv[1:] if a != "--json"])
-    out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
-    result = train(cfg, out, resume=args.resume, deepspeed=launch, precision=args.precision)
+    out, zero, code = _launch(args, cfg)
+    if code is not None:
+        return code
+    result = train(cfg, out, resume=args.resume, deepspeed=zero, precision=args.precision)
     if args.worker and not _is_main_process():
         return 0
     base, final = result.get("base") or {}, result.get("final") or {}
@@ -473,6 +473,67 @@ def cmd_heads_ls(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from spatialscore.io import atomic_write_text
+    from spatialscore.serve.server import RewardServer, ServeSettings, build_heads, openapi_spec, read_token
+
+    token = read_token(args.token_file) if args.token_file else None
+    settings = ServeSettings(host=args.host, port=args.port, token=token, max_batch=args.max_batch,
+                             max_wait_ms=args.max_wait_ms, max_request_bytes=int(args.max_request_mb * 2**20),
+                             max_items=args.max_items, max_side=args.max_side)
+    settings.check()  # before the heads load: a refused start should be quick
+    heads = build_heads(args.heads)
+    if args.openapi:
+        atomic_write_text(Path(args.openapi), json.dumps(openapi_spec(heads, settings), indent=2) + "\n")
+        _emit(args, {"openapi": args.openapi}, f"wrote the OpenAPI spec to {args.openapi}")
+        return 0
+    server = RewardServer(heads, settings)
+    _emit(args, {"url": server.url, "heads": sorted(heads)},
+          f"serving {', '.join(sorted(heads))} on {server.url} (Ctrl-C stops)")
+    for stream in (sys.stdout, args.stdout):
+        stream.flush()
+    server.run_forever()
+    return 0
+
+
+# --- plan ---------------------------------------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spatialscore.plan import plan
+
+    result = plan(args.recipe, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, nodes=args.nodes,
+                  precision=args.precision, overrides=list(args.overrides))
+    if args.json:
+        _print_json(args, result)
+        return 0
+    counts = result["parameters"]
+    frozen = ", ".join(f"{name} {n / 1e9:.3g}B ({'bf16' if counts['frozen_bytes_per_param'][name] == 2 else 'fp32'})"
+                       for name, n in counts["frozen"].items())
+    print(f"{result['recipe']} ({result['kind']}, precision {result['precision']})\n"
+          f"  parameters: trainable {counts['trainable'] / 1e6:.4g}M; frozen: {frozen or 'none'}\n"
+          f"  activations: {result['activation_gib_per_sample']:.3g} GiB per sample ({result['samples']})")
+    table = Table(title=f"per-GPU memory (GiB), {args.gpus} GPU(s) x {args.nodes} node(s), "
+                        f"budget {args.gpu_mem_gb:g} GiB")
+    for column in ("preset", "world", "samples/GPU", "params", "grads", "optimizer", "activations", "overhead",
+                   "total", "host RAM/node", "fits"):
+        table.add_column(column, justify="left" if column == "preset" else "right", no_wrap=True)
+    for row in result["presets"]:
+        table.add_row(row["preset"], str(row["world_size"]), str(row["samples_per_gpu"]),
+                      *(f"{row[k + '_gib']:.2f}" for k in ("parameters", "gradients", "optimizer", "activations",
+                                                           "overhead", "total", "cpu_per_node")),
+                      "yes" if row["fits"] else "no")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"recommended: {result['recommended']}" if result["recommended"] else
+          f"nothing fits {args.gpu_mem_gb:g} GiB per GPU: more GPUs, a smaller micro-batch or image size, or "
+          f"gradient checkpointing")
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -495,9 +556,22 @@ def _add_train_flags(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", help="a run directory (its newest checkpoint) or checkpoints/step-N")
-    p.add_argument("--launch", choices=["ddp", "zero2", "zero3", "zero3_offload"],
-                   help="hardware preset: plain DDP or a DeepSpeed ZeRO stage (launch/deepspeed/*.json)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    from spatialscore.launch import DEFAULT_PORT, DEFAULT_RDZV_TIMEOUT, LAUNCHERS, PRESETS
+
+    g = p.add_argument_group("launch", "where the processes run (launch/README.md); --dry-run prints the command")
+    g.add_argument("--launch", choices=[*PRESETS, "zero3_offload"], metavar="PRESET",
+                   help=f"{' | '.join(PRESETS)}: one process, plain DDP, or a DeepSpeed ZeRO stage "
+                        "(launch/accelerate/*.yaml, launch/deepspeed/*.json); default single, ddp when --nproc > 1")
+    g.add_argument("--nproc", type=int, default=1, help="processes per node (one per GPU)")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each with its --node-rank")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    g.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (default 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=DEFAULT_PORT, help=f"rendezvous port on node 0 "
+                                                                          f"(default {DEFAULT_PORT})")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="accelerate", help="accelerate launch (default) or torchrun")
+    g.add_argument("--rdzv-timeout", type=int, default=DEFAULT_RDZV_TIMEOUT,
+                   help=f"seconds a node waits for the others before giving up (default {DEFAULT_RDZV_TIMEOUT})")
+    g.add_argument("--dry-run", action="store_true", help="print the launch command (and filled DeepSpeed config)")
     p.add_argument("--precision", choices=["no", "bf16"], default="no")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -673,6 +747,35 @@ def build_parser() -> argparse.ArgumentParser:
     head_verbs = heads.add_subparsers(dest="heads_verb", metavar="<command>", required=True)
     p = _parser(head_verbs, "ls", "list registered reward heads and where they come from", "spatialscore heads ls")
     p.set_defaults(func=cmd_heads_ls)
+
+    p = _parser(verbs, "serve", "host reward heads over HTTP for trainers elsewhere (set reward.remote=URL there)",
+                "spatialscore serve --heads spatialscore=runs/reward/final,text --host 127.0.0.1 --port 8765\n"
+                "spatialscore train-grpo recipes/shapes/grpo.yaml reward.remote=http://127.0.0.1:8765")
+    p.add_argument("--heads", required=True, help="comma-separated NAME, NAME=PATH or LABEL=PATH (as eval --reward)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8765, help="default 8765; 0 picks a free port")
+    p.add_argument("--token-file", help="a file holding the bearer token clients must send")
+    p.add_argument("--max-batch", type=int, default=64, help="images per head call, gathered across requests (1: no "
+                   "batching; default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests (default 0: it takes the requests that queued "
+                   "while the head ran, so batches form under load at no added latency)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="payload limit (default 64)")
+    p.add_argument("--max-items", type=int, default=256, help="images per request (default 256)")
+    p.add_argument("--max-side", type=int, default=2048, help="largest image side in pixels (default 2048)")
+    p.add_argument("--openapi", metavar="FILE", help="write the OpenAPI spec to FILE and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = _parser(verbs, "plan", "estimate per-GPU memory of a recipe under every hardware preset and say which fit",
+                "spatialscore plan recipes/paper/flow_grpo_flux.yaml --gpus 8 --gpu-mem-gb 80\n"
+                "spatialscore plan paper/spatialscore_qwen2_5_vl_7b --gpus 8 --nodes 2 --gpu-mem-gb 40 --json")
+    p.add_argument("recipe", help="a reward, grpo, ddpo or dpo recipe (a path or a shipped recipe's name)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.micro_batch=2")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--precision", choices=["no", "bf16"], help="default: bf16 for recipes meant for it (model.precision: bf16; the paper's reward model), else no")
+    p.set_defaults(func=cmd_plan)
 
     p = _parser(verbs, "demo", "the shapes world end to end: pairs, SpatialScore vs a CLIP baseline, Flow-GRPO, "
                 "evaluation, leaderboard, report (~45 min on 2 CPU cores; reruns reuse finished stages)",

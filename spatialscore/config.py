@@ -158,6 +158,22 @@ class RewardTrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    """wandb logging, on with `report_to: wandb`. Offline by default: the run is written under <out>/wandb/ and sent
+    later with `wandb sync`; `wandb.mode: online` logs live (network and WANDB_API_KEY needed). A resumed run continues
+    the same wandb run."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "spatialscore"
+    entity: str = ""  # your wandb team or user; empty: wandb's default
+    name: str = ""  # empty: the run directory's name
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        _one_of("wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
 class RewardConfig:
     """SpatialScore reward-model training (`spatialscore train-reward`)."""
 
@@ -165,7 +181,8 @@ class RewardConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: RewardDataConfig = dataclasses.field(default_factory=RewardDataConfig)
     train: RewardTrainConfig = dataclasses.field(default_factory=RewardTrainConfig)
-    report_to: str = "none"  # none | wandb (offline unless WANDB_MODE says otherwise)
+    report_to: str = "none"  # none | wandb (see wandb:)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))
@@ -381,6 +398,15 @@ class RLRewardConfig:
 
     heads: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {spatialscore: 1.0, counting: 0.5}
     kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per head, e.g. {spatialscore: {checkpoint: runs/reward}}
+    # http://HOST:PORT of a `spatialscore serve` hosting these heads (kwargs then belong to the server); empty: in-process
+    remote: str = ""
+    token_file: str | None = None  # the server's bearer token (or set SPATIALSCORE_REWARD_TOKEN)
+
+    def __post_init__(self):
+        if self.remote:
+            from spatialscore.serve.client import check_url
+
+            check_url(self.remote, "reward.remote")
 
 
 @dataclass
@@ -474,7 +500,8 @@ class GrpoConfig:
     prompts: RLPromptsConfig = dataclasses.field(default_factory=RLPromptsConfig)
     sample: GrpoSampleConfig = dataclasses.field(default_factory=GrpoSampleConfig)
     train: GrpoTrainConfig = dataclasses.field(default_factory=GrpoTrainConfig)
-    report_to: str = "none"
+    report_to: str = "none"  # none | wandb (see wandb:)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))
@@ -565,7 +592,8 @@ class DpoConfig:
     prompts: RLPromptsConfig = dataclasses.field(default_factory=RLPromptsConfig)  # the held-out evaluation set
     sample: GrpoSampleConfig = dataclasses.field(default_factory=GrpoSampleConfig)  # eval_steps, guidance, batch
     reward: RLRewardConfig = dataclasses.field(default_factory=lambda: RLRewardConfig(heads={"oracle": 1.0}))
-    report_to: str = "none"
+    report_to: str = "none"  # none | wandb (see wandb:)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _one_of("report_to", self.report_to, ("none", "wandb"))

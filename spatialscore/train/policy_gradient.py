@@ -161,8 +161,17 @@ def build_reward(cfg: GrpoConfig):
     from spatialscore.heads import get_head, head_names
     from spatialscore.heads.composite import CompositeReward
 
+    remote = {}
+    if cfg.reward.remote:  # the server built its heads (reward.kwargs are its business); weights apply here
+        from spatialscore.serve.client import RemoteReward
+
+        if cfg.reward.kwargs:
+            log.warning("reward.kwargs are not used with reward.remote: the server at %s built its heads",
+                        cfg.reward.remote)
+        remote = {name: RemoteReward(cfg.reward.remote, name, token_file=cfg.reward.token_file)
+                  for name in cfg.reward.heads}
     for name in cfg.reward.heads:
-        if name not in head_names():
+        if name not in remote and name not in head_names():
             raise SpatialScoreError(f"reward.heads: unknown reward head {name!r}; registered: {', '.join(head_names())}")
     unknown = set(cfg.reward.kwargs) - set(cfg.reward.heads)
     if unknown:
@@ -171,9 +180,9 @@ def build_reward(cfg: GrpoConfig):
               for name, given in cfg.reward.kwargs.items()}
     if len(cfg.reward.heads) == 1:
         (name, weight), = cfg.reward.heads.items()
-        head = get_head(name, **kwargs.get(name, {}))
+        head = remote.get(name) or get_head(name, **kwargs.get(name, {}))
         return head if weight == 1 else CompositeReward({name: weight}, normalize=False, heads={name: head})
-    return CompositeReward(dict(cfg.reward.heads), head_kwargs=kwargs)
+    return CompositeReward(dict(cfg.reward.heads), head_kwargs=kwargs, heads=remote)
 
 
 def score_images(reward, images: torch.Tensor, records: list[dict], size: int | None = None) -> torch.Tensor:
@@ -187,7 +196,9 @@ def score_images(reward, images: torch.Tensor, records: list[dict], size: int | 
 
 def head_image_size(reward) -> int | None:
     model = getattr(reward, "model", None)
-    return int(model.config.get("image_size", 0)) or None if model is not None and hasattr(model, "config") else None
+    if model is not None and hasattr(model, "config"):
+        return int(model.config.get("image_size", 0)) or None
+    return getattr(reward, "image_size", None)  # a RemoteReward: its server's head's
 
 
 # --- the pipeline, LoRA and checkpoints ----------------------------------------------------------------------------
@@ -441,7 +452,9 @@ class LoraTraining:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out)
-        self.log = MetricLog(self.out, dataclasses.asdict(self.cfg), self.cfg.report_to, enabled=self.main)
+        launch = {"world_size": self.world, "zero_stage": self.zero_stage, "algorithm": self.algorithm}
+        self.log = MetricLog(self.out, {**dataclasses.asdict(self.cfg), "launch": launch}, self.cfg.report_to,
+                             enabled=self.main, resumed=bool(self.resume_from))
         self.log.log(self.start, {"world_size": self.world, "resumed_from": self.start, **first_metrics})
         self.model, self.optimizer = self.accelerator.prepare(self.peft_model, self.optimizer)
         if self.resume_from and self.deepspeed:  # DeepSpeed builds its partitioned optimizer state in prepare
@@ -478,13 +491,16 @@ class LoraTraining:
         from spatialscore.models.generators import policy_for
         from spatialscore.train.runtime import shutdown
 
+        from spatialscore.train.runtime import log_ranks
+
+        in_sync = log_ranks(self.accelerator, self.model, self.log, result.get("iterations", result.get("steps", 0)))
         full = self.accelerator.get_state_dict(self.model)  # every process calls it
         if self.main:
             fresh = load_pipeline(self.cfg, self.pipelines, self.algorithm)  # frozen weights may be partitioned too
             fresh_lora = add_lora(policy_for(fresh, 1.0).denoiser, self.cfg)
             fresh_lora.load_state_dict({k: v.to(fresh_lora.state_dict()[k].dtype) for k, v in full.items()})
             save_final(fresh, fresh_lora, self.cfg, self.out / "final")
-            result = {"out": str(self.out), "world_size": self.world, **result}
+            result = {"out": str(self.out), "world_size": self.world, "weights_in_sync": in_sync, **result}
             atomic_write_text(self.out / "result.json", json.dumps(result, indent=2))
         else:
             result = {"world_size": self.world}

@@ -19,8 +19,8 @@ from spatialscore.data.tensors import PairTensors, file_pairs, generated_pairs
 from spatialscore.errors import SpatialScoreError
 from spatialscore.models.base import RewardModel, build_model, save_model
 from spatialscore.train.losses import bt_loss, gaussian_bt_loss, pairwise_accuracy
-from spatialscore.train.runtime import (MetricLog, checkpoints, load_checkpoint, load_zero_partition, make_accelerator,
-                                        resolve_resume, save_checkpoint, seed_everything, shutdown,
+from spatialscore.train.runtime import (MetricLog, checkpoints, load_checkpoint, load_zero_partition, log_ranks,
+                                        make_accelerator, resolve_resume, save_checkpoint, seed_everything, shutdown,
                                         stage_zero_checkpoint)
 
 
@@ -157,7 +157,9 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
-    log = MetricLog(out, dataclasses.asdict(cfg), cfg.report_to, enabled=main)
+    launch = {"world_size": world, "zero_stage": zero_stage, "precision": precision}
+    log = MetricLog(out, {**dataclasses.asdict(cfg), "launch": launch}, cfg.report_to, enabled=main,
+                    resumed=bool(resume_from))
     log.log(start, {"world_size": world, "micro_batch": micro, "resumed_from": start})
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from and deepspeed:  # DeepSpeed builds its partitioned optimizer state in prepare
@@ -227,9 +229,10 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
             save(done)
     bar.close()
     save(t.steps, out / "final")
+    in_sync = log_ranks(accelerator, model, log, t.steps)
     log.close()
     shutdown(accelerator, model, optimizer)
-    return {"out": str(out), "steps": t.steps, "world_size": world,
+    return {"out": str(out), "steps": t.steps, "world_size": world, "weights_in_sync": in_sync,
             "final_loss": mean_loss if t.steps > start else None,
             "validation": report}
 

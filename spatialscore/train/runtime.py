@@ -14,10 +14,12 @@ ZeRO stage and number of processes. Nothing is pickled: DeepSpeed's own checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from spatialscore.errors import SpatialScoreError
 from spatialscore.io import atomic_write_text
+from spatialscore.launch import DEEPSPEED_PRESETS, ENV_DEEPSPEED_CONFIG, LAUNCH_DIR, worker_started
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
-DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
 def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | None = None):
@@ -47,8 +48,12 @@ def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | No
             import importlib
 
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=str(LAUNCH_DIR / "deepspeed" / f"{deepspeed}.json"),
-                                                     gradient_accumulation_steps=grad_accum)
+        # the preset with its "auto" values filled from the recipe by the launching process, else the preset itself
+        config = json.loads(Path(os.environ.get(ENV_DEEPSPEED_CONFIG) or LAUNCH_DIR / "deepspeed" / f"{deepspeed}.json")
+                            .read_text())
+        if not torch.cuda.is_available() and isinstance(config.get("bf16"), dict):
+            config["bf16"]["enabled"] = False  # DeepSpeed's bf16 optimizer needs CUDA; on CPU it trains in fp32
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=grad_accum)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     if deepspeed and not torch.cuda.is_available():
@@ -59,6 +64,7 @@ def make_accelerator(grad_accum: int, precision: str = "no", deepspeed: str | No
         # accelerate drops the plugin silently (e.g. under ACCELERATE_USE_CPU) and would train plain DDP instead
         raise SpatialScoreError(f"--launch {deepspeed}: accelerate did not start DeepSpeed (it runs "
                                 f"{accelerator.distributed_type.value}); unset ACCELERATE_USE_CPU")
+    worker_started(accelerator.num_processes)
     return accelerator
 
 
@@ -73,6 +79,41 @@ def shutdown(accelerator, *objects) -> None:
     gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def ranks_report(accelerator, model) -> list[dict]:
+    """Every process's (rank, node, pid, SHA-256 of its trainable weights), gathered on all processes: evidence that
+    each rank took part and that the replicas ended identical (ZeRO-3 shards are gathered for the hash). Sent as
+    integer tensors, never pickled."""
+    import hashlib
+    import socket
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params)
+    digest = hashlib.sha256()
+    with gather, torch.no_grad():
+        for p in params:
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "big")
+    node = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
+    mine = torch.tensor([accelerator.process_index, node, os.getpid(), host, *digest.digest()], dtype=torch.int64)
+    rows = accelerator.gather(mine.to(accelerator.device)[None]).cpu().view(-1, mine.numel()).tolist()
+    return [{"rank": r[0], "node": r[1], "pid": r[2], "host": f"{r[3]:012x}", "weights_sha256": bytes(r[4:]).hex()}
+            for r in rows]
+
+
+def log_ranks(accelerator, model, log: "MetricLog", step: int) -> bool:
+    """ranks_report into the metric log; whether all replicas hold the same weights (a warning if not)."""
+    ranks = ranks_report(accelerator, model)
+    in_sync = len({r["weights_sha256"] for r in ranks}) == 1
+    log.log(step, {"ranks": ranks, "weights_in_sync": in_sync})
+    if not in_sync and accelerator.is_main_process:
+        print(f"warning: the {len(ranks)} processes ended with different weights: {ranks}", file=sys.stderr)
+    return in_sync
 
 
 def seed_everything(seed: int) -> None:
@@ -283,15 +324,27 @@ def resolve_resume(resume: str | Path) -> Path:
 
 
 class MetricLog:
-    """metrics.jsonl in the run directory, plus wandb (offline by default) when asked."""
+    """metrics.jsonl in the run directory, plus wandb when the recipe says `report_to: wandb` (offline unless its
+    `wandb.mode` says online). The wandb run's id is kept in `<out>/wandb-run.json`, so a resumed run logs on to the
+    same wandb run; its name defaults to the run directory's."""
 
-    def __init__(self, run_dir: Path, config: dict, report_to: str, enabled: bool = True):
+    def __init__(self, run_dir: Path, config: dict, report_to: str, enabled: bool = True, resumed: bool = False):
         self.path, self.enabled, self.wandb = Path(run_dir) / "metrics.jsonl", enabled, None
         if enabled and report_to == "wandb":
             import wandb
 
-            os.environ.setdefault("WANDB_MODE", "offline")
-            self.wandb = wandb.init(project="spatialscore", dir=str(run_dir), config=config, reinit=True)
+            settings = config.get("wandb") or {}
+            ids = Path(run_dir) / "wandb-run.json"
+            known = json.loads(ids.read_text()) if resumed and ids.is_file() else {}
+            name = settings.get("name") or Path(run_dir).resolve().name
+            self.wandb = wandb.init(project=settings.get("project", "spatialscore"),
+                                    entity=settings.get("entity") or None, name=name,
+                                    tags=list(settings.get("tags") or []), mode=settings.get("mode", "offline"),
+                                    dir=str(run_dir), config=config, id=known.get("id"),
+                                    resume="allow" if known else None, reinit="finish_previous")
+            atomic_write_text(ids, json.dumps({"id": self.wandb.id, "name": name,
+                                               "project": settings.get("project", "spatialscore"),
+                                               "mode": settings.get("mode", "offline")}, indent=2) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
