@@ -5,7 +5,8 @@
 #
 # Node i of the file runs the same command with --node-rank i, --nproc (its slots), --nnodes, --master-addr (the first
 # host) and --master-port; the run directory is shared. SSH (default ssh), MASTER_PORT, OUT and SPATIALSCORE override
-# the defaults. Stops every node when one fails.
+# the defaults (SSH defaults to `ssh -tt`: with a terminal, killing the local ssh also hangs up the remote trainer).
+# When one node fails, the others are stopped, and the script exits with the first failure's code.
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: launch/hostfile.sh HOSTFILE VERB RECIPE [key=value ...] [--launch PRESET] [...]" >&2
@@ -13,7 +14,7 @@ if [ $# -lt 3 ]; then
 fi
 HOSTFILE="$1"; shift
 [ -f "$HOSTFILE" ] || { echo "error: $HOSTFILE: no such hostfile" >&2; exit 2; }
-SSH="${SSH:-ssh}"
+read -r -a ssh_cmd <<<"${SSH:-ssh -tt}"
 SPATIALSCORE="${SPATIALSCORE:-.venv/bin/spatialscore}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 OUT="${OUT:-runs/$1-$(date +%Y%m%d-%H%M%S)}"
@@ -36,17 +37,23 @@ for n in "${slots[@]}"; do
     [ "$n" = "${slots[0]}" ] || { echo "error: $HOSTFILE: every node needs the same slots (got ${slots[*]})" >&2; exit 2; }
 done
 
-quoted="$(printf ' %q' "$@")"
+# the remote login shell must be bash (printf %q quoting); wait -n needs bash >= 4.3
+quoted="$(printf ' %q' "$SPATIALSCORE" "$@")"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 for i in "${!hosts[@]}"; do
-    "$SSH" "${hosts[$i]}" "cd $(printf %q "$PWD") && $SPATIALSCORE$quoted --nproc ${slots[$i]} --nnodes ${#hosts[@]} \
---node-rank $i --master-addr ${hosts[0]} --master-port $MASTER_PORT --out $(printf %q "$OUT")" &
+    "${ssh_cmd[@]}" "${hosts[$i]}" "cd $(printf %q "$PWD") &&$quoted --nproc ${slots[$i]} --nnodes ${#hosts[@]} \
+--node-rank $i --master-addr $(printf %q "${hosts[0]}") --master-port $MASTER_PORT --out $(printf %q "$OUT")" &
     pids+=($!)
 done
 status=0
-for _ in "${pids[@]}"; do  # the first node to fail stops the others
-    if ! wait -n; then status=1; kill "${pids[@]}" 2>/dev/null || true; fi
+for _ in "${pids[@]}"; do
+    wait -n && continue
+    code=$?
+    if [ "$status" -eq 0 ]; then  # the first node to fail: stop the others, keep its exit code
+        status=$code
+        kill "${pids[@]}" 2>/dev/null || true
+    fi
 done
 trap - EXIT
 exit "$status"

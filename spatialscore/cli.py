@@ -182,14 +182,17 @@ def _launch(args, cfg) -> tuple[Path, str | None, int | None]:
     from spatialscore import launch
 
     spec = launch.spec_from_args(args)
+    if spec.nnodes > 1 and not args.out and not args.worker:
+        raise SpatialScoreError(f"--nnodes {spec.nnodes}: give --out (the same run directory on every node); a "
+                                f"default name with a timestamp would differ from node to node")
     out = Path(args.out) if args.out else _default_out(Path(args.recipe).stem)
     if args.worker or not launch.needs_launch(spec):
         if args.dry_run:
-            shown = [a for a in sys.argv[1:] if a != "--dry-run"]
+            shown = [a for a in args.argv if a != "--dry-run"]
             print(f"# --launch single: runs in this process, no launcher\nspatialscore {shlex.join(shown)}")
             return out, None, 0
         return out, spec.zero, None
-    argv = [a for a in sys.argv[1:]]
+    argv = list(args.argv)
     if not args.out:
         argv += ["--out", str(out)]
     plan = launch.compose(spec, argv, cfg, out, cuda=torch.cuda.is_available())
@@ -480,7 +483,7 @@ def cmd_serve(args) -> int:
     token = read_token(args.token_file) if args.token_file else None
     settings = ServeSettings(host=args.host, port=args.port, token=token, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, max_request_bytes=int(args.max_request_mb * 2**20),
-                             max_items=args.max_items, max_side=args.max_side)
+                             max_items=args.max_items, max_side=args.max_side, max_pixels=args.max_pixels)
     settings.check()  # before the heads load: a refused start should be quick
     heads = build_heads(args.heads)
     if args.openapi:
@@ -552,6 +555,7 @@ def cmd_demo(args) -> int:
 
 
 def _add_train_flags(p: argparse.ArgumentParser, kind: str) -> None:
+    p.allow_abbrev = False  # the launcher forwards this command to every process: flags are spelt out in full
     p.add_argument("recipe", help=f"a `kind: {kind}` recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
@@ -763,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=float, default=64.0, help="payload limit (default 64)")
     p.add_argument("--max-items", type=int, default=256, help="images per request (default 256)")
     p.add_argument("--max-side", type=int, default=2048, help="largest image side in pixels (default 2048)")
+    p.add_argument("--max-pixels", type=int, default=2**26,
+                   help="pixels of all images of one request together, checked before decoding (default 2^26)")
     p.add_argument("--openapi", metavar="FILE", help="write the OpenAPI spec to FILE and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -801,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     args.stdout = sys.stdout
+    args.argv = argv  # what this process was asked (a launcher re-runs it in every process)
     try:
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             return args.func(args)

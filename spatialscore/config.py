@@ -163,14 +163,16 @@ class WandbConfig:
     later with `wandb sync`; `wandb.mode: online` logs live (network and WANDB_API_KEY needed). A resumed run continues
     the same wandb run."""
 
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = ""  # offline | online | disabled; empty: $WANDB_MODE if set, else offline
     project: str = "spatialscore"
     entity: str = ""  # your wandb team or user; empty: wandb's default
     name: str = ""  # empty: the run directory's name
     tags: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        _one_of("wandb.mode", self.mode, ("offline", "online", "disabled"))
+        if self.mode not in ("", "offline", "online", "disabled"):
+            raise SpatialScoreError(f"wandb.mode: {self.mode!r} is not one of offline, online, disabled (empty: "
+                                    f"$WANDB_MODE if set, else offline)")
 
 
 @dataclass

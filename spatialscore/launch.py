@@ -115,6 +115,9 @@ def batch_layout(cfg, world: int) -> tuple[int, int, int]:
                                     f"(--nproc x --nnodes)")
         return t.batch_size // world, 1, t.batch_size
     if cfg.kind in ("grpo", "ddpo"):  # one accumulated backward per trained timestep (policy_gradient.train_policy)
+        if cfg.sample.prompts_per_iter % world:
+            raise SpatialScoreError(f"sample.prompts_per_iter={cfg.sample.prompts_per_iter} must divide evenly over "
+                                    f"{world} processes (--nproc x --nnodes)")
         accum = len(t.timesteps) if t.timesteps else max(1, math.ceil(t.timestep_fraction * cfg.sample.steps))
         return t.micro_batch, accum, t.micro_batch * accum * world
     raise SpatialScoreError(f"kind: {cfg.kind}: this trainer has no multi-process launch")
@@ -189,6 +192,7 @@ def compose(spec: LaunchSpec, argv: list[str], cfg, out: Path, cuda: bool) -> La
     """The launcher command for `spatialscore <argv>` under `spec`, run from the repository root."""
     env: dict[str, str] = {ENV_WORLD_SIZE: str(spec.world_size)}
     ds, ds_path = None, None
+    batch_layout(cfg, spec.world_size)  # a batch that does not divide fails here, not in every process
     if spec.zero:
         ds = deepspeed_config(spec.zero, cfg, spec.world_size, spec.precision)
         ds_path = out / "launch" / "deepspeed.json"
@@ -234,8 +238,11 @@ def run(plan: LaunchPlan, spec: LaunchSpec) -> int:
         env = {**os.environ, **plan.env, ENV_STARTED: str(started)}
         begin = time.monotonic()
         code = subprocess.run(plan.argv, env=env).returncode
+        waited = time.monotonic() - begin
         if code != 0 and not started.exists():
-            waited = time.monotonic() - begin
+            if waited < 0.9 * spec.rdzv_timeout:  # the processes failed by themselves, before meeting
+                raise SpatialScoreError(f"the launched processes exited with code {code} before training began "
+                                        f"(after {waited:.0f} s); their errors are above")
             others = (f"the other {spec.nnodes - 1} node(s) did not all join" if spec.nnodes > 1
                       else "the processes on this machine did not all start")
             raise SpatialScoreError(

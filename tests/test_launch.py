@@ -119,10 +119,11 @@ def _check_both_ranks(out: Path, runs: list[subprocess.CompletedProcess]) -> dic
         assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["world_size"] == 2
-    ranks = rows[-1]["ranks"]
+    report = json.loads((out / "ranks.json").read_text())
+    ranks = report["ranks"]
     assert sorted((r["rank"], r["node"]) for r in ranks) == [(0, 0), (1, 1)]  # both nodes took part
     assert len({r["pid"] for r in ranks}) == 2
-    assert rows[-1]["weights_in_sync"] and len({r["weights_sha256"] for r in ranks}) == 1
+    assert report["weights_in_sync"] and len({r["weights_sha256"] for r in ranks}) == 1
     return rows[0]
 
 
@@ -150,7 +151,7 @@ def test_a_node_left_alone_gives_up_with_a_clear_message(tmp_path):
                              "--nproc", "1", "--nnodes", "2", "--node-rank", "1", "--master-port", str(_free_port()),
                              "--rdzv-timeout", "3", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2 and time.monotonic() - begin < 60
+    assert result.returncode == 2 and time.monotonic() - begin < 100  # 3 s to give up, plus start-up on a busy machine
     assert "node 1 of 2 could not complete the rendezvous at 127.0.0.1:" in result.stderr
     assert "within --rdzv-timeout 3 s" in result.stderr
 
@@ -182,7 +183,7 @@ def test_slurm_template_runs_two_nodes_through_torchrun(tmp_path):
     result = subprocess.run(["bash", "launch/slurm/train.sbatch", "train-reward", TRAINERS["train-reward"],
                              *TINY_REWARD, "--launch", "ddp"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
-    logs = "\n".join((tmp_path / f"node.{i}").read_text()[-2000:] for i in range(2))
+    logs = "\n".join(log.read_text()[-2000:] for log in sorted(tmp_path.glob("node.*")))
     assert result.returncode == 0, result.stderr + logs
     _check_both_ranks(tmp_path / "run", [result])
 
@@ -190,7 +191,8 @@ def test_slurm_template_runs_two_nodes_through_torchrun(tmp_path):
 def test_hostfile_script_gives_each_host_its_rank(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots=2  # the second\n")
-    env = _fake_bin(tmp_path, {"ssh": 'echo "host $1"; shift; exec bash -c "$1"\n'})
+    fake_ssh = 'while [[ $1 == -* ]]; do shift; done; echo "host $1"; shift; exec bash -c "$1"\n'  # options, host, command
+    env = _fake_bin(tmp_path, {"ssh": fake_ssh})
     result = subprocess.run(["bash", "launch/hostfile.sh", str(hostfile), "train-grpo", TRAINERS["train-grpo"],
                              "--launch", "zero2", "--dry-run"], cwd=ROOT, env=env | {"SPATIALSCORE": EXE},
                             capture_output=True, text=True, timeout=120)

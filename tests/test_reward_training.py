@@ -120,7 +120,9 @@ def test_two_process_launch_on_cpu(launch, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["world_size"] == 2 and rows[0]["micro_batch"] == 4
-    assert all(r["loss"] == r["loss"] for r in rows[1:])  # finite, logged every step
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in rows[1:])
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert ranks["weights_in_sync"] and [r["rank"] for r in ranks["ranks"]] == [0, 1]  # the replicas agree
     assert (run / "final" / "model.safetensors").is_file() and (run / "checkpoints" / "step-4").is_dir()
 
 

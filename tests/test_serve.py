@@ -55,7 +55,7 @@ def heads():
 @pytest.fixture(scope="module")
 def server(heads):
     with RewardServer(heads, ServeSettings(port=0, max_batch=64, max_wait_ms=30, max_request_bytes=LIMIT,
-                                           max_items=16, max_side=256)) as srv:
+                                           max_items=16, max_side=256, max_pixels=300_000)) as srv:
         yield srv
 
 
@@ -121,12 +121,13 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(server, he
     results, errors = {}, []
     barrier = threading.Barrier(12)
 
+    payloads = [_body("oracle", records[2 * k:2 * k + 2], [encode_array(x) for x in images[2 * k:2 * k + 2]],
+                      id=str(k)) for k in range(12)]  # encoded before the barrier, so the requests arrive together
+
     def client(k: int):
         try:
             barrier.wait()
-            chunk = slice(2 * k, 2 * k + 2)
-            status, body = _post(server.url, _body("oracle", records[chunk], [encode_array(x) for x in images[chunk]],
-                                                   id=str(k)))
+            status, body = _post(server.url, payloads[k])
             assert status == 200, body
             results[k] = body
         except Exception as err:  # collected, so the assertion below names it
@@ -177,6 +178,9 @@ def _bad_requests() -> list[tuple[str, bytes, int, str]]:
         ("unknown field", item(picture=1), 422, "items[1].picture"),
         ("too many items", body(items=[good] * 17), 422, "items: List should have at most 16 items"),
         ("no items", body(items=[]), 422, "items: List should have at least 1 item"),
+        ("too many pixels (small PNGs, large images)",
+         body(items=[{**good, "image": encode_png(np.zeros((256, 256, 3), np.uint8))}] * 5), 413,
+         "items: the request's images hold 327680 pixels together; this server takes at most 300000"),
     ]
 
 
@@ -308,3 +312,36 @@ def test_a_grpo_run_against_the_learned_head_through_reward_remote_equals_the_in
                           for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
     assert runs["local"] == runs["remote"]
     assert any("reward_mean" in row for row in runs["remote"])
+
+
+def test_the_batch_loop_skips_cancelled_requests_and_survives_a_failing_head():
+    """A request cancelled while queued (its client went away) is skipped, and a head that raises fails only its own
+    request: the worker thread keeps serving."""
+    import threading
+
+    from spatialscore.heads import RewardHead, RewardOutput
+    from spatialscore.serve.batching import HeadBatcher
+    from spatialscore.serve.protocol import DecodedItem
+
+    release = threading.Event()
+
+    class Slow(RewardHead):
+        def score(self, images, prompts, meta):
+            release.wait(10)
+            if "boom" in prompts:
+                raise ValueError("boom")
+            return RewardOutput(images.mean(dim=(1, 2, 3)))
+
+    batcher = HeadBatcher("slow", Slow(), max_batch=1, max_wait=0.0)
+    item = lambda prompt: [DecodedItem(torch.full((3, 8, 8), 0.5), prompt, {})]  # noqa: E731
+    try:
+        first = batcher.submit(item("a"))  # occupies the worker until released
+        cancelled, failing, last = batcher.submit(item("b")), batcher.submit(item("boom")), batcher.submit(item("c"))
+        assert cancelled.cancel()
+        release.set()
+        assert first.result(10).scores == [0.5] and last.result(10).scores == [0.5]
+        with pytest.raises(ValueError, match="boom"):
+            failing.result(10)
+        assert batcher.submit(item("d")).result(10).scores == [0.5]
+    finally:
+        batcher.close()

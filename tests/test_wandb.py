@@ -44,8 +44,8 @@ def read_offline_run(path: Path) -> list:
     return records
 
 
-def _runs(out: Path) -> dict[str, list]:
-    return {p.name: read_offline_run(p) for p in sorted(out.glob("wandb/offline-run-*/run-*.wandb"))}
+def _runs(out: Path) -> dict[Path, list]:
+    return {p: read_offline_run(p) for p in sorted(out.glob("wandb/offline-run-*/run-*.wandb"))}
 
 
 def test_offline_run_records_name_config_and_metrics(tmp_path, monkeypatch):
@@ -53,7 +53,8 @@ def test_offline_run_records_name_config_and_metrics(tmp_path, monkeypatch):
     out = tmp_path / "reward-wandb"
     cfg = load_config(RewardConfig, RECIPE, [*TINY, "train.steps=4", "report_to=wandb", "wandb.tags=[tiny]"])
     reward_model.train_reward(cfg, out, progress=False)
-    (name, records), = _runs(out).items()
+    (path, records), = _runs(out).items()
+    name = path.name
     ids = json.loads((out / "wandb-run.json").read_text())
     assert ids["mode"] == "offline" and name == f"run-{ids['id']}.wandb"
     run = next(r.run for r in records if r.HasField("run"))
@@ -79,7 +80,11 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     cfg = load_config(RewardConfig, RECIPE, [*TINY, "train.steps=4", "report_to=wandb"])
     reward_model.train_reward(cfg, out, resume=str(out), progress=False)
     assert json.loads((out / "wandb-run.json").read_text())["id"] == first
-    assert {name for name in _runs(out)} == {f"run-{first}.wandb"}
+    runs = _runs(out)  # wandb writes a resumed offline run to a new folder, under the same run id
+    assert {path.name for path in runs} == {f"run-{first}.wandb"} and len(runs) == 2
+    steps = sorted({int(json.loads(item.value_json)) for records in runs.values() for r in records
+                    if r.HasField("history") for item in r.history.item if ".".join(item.nested_key) == "_step"})
+    assert steps[-1] == 4 and {1, 2, 3, 4} <= set(steps)
 
 
 def test_bad_wandb_mode_names_the_field():

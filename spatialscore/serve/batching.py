@@ -78,28 +78,50 @@ class HeadBatcher:
         return jobs
 
     def _run(self) -> None:
+        """The worker loop. It must outlive anything a request does: a request cancelled while queued (its client
+        went away, the server is stopping) is skipped, and no error ends the loop."""
         while True:
             jobs = self._gather()
             if jobs is None:
                 return
-            try:
-                results = self._score(jobs)
-            except Exception as err:
-                if len(jobs) == 1:
-                    self._fail(jobs[0], err)
-                    continue
-                for job in jobs:
-                    try:
-                        job.future.set_result(self._score([job])[0])
-                    except Exception as alone:
-                        self._fail(job, alone)
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not jobs:
                 continue
-            for job, result in zip(jobs, results):
-                job.future.set_result(result)
+            try:
+                self._serve(jobs)
+            except Exception:  # a bug here must not leave every later request to this head waiting forever
+                log.exception("head %s: the batch loop failed", self.name)
+                for job in jobs:
+                    self._settle(job, error=RuntimeError("the server failed to score this request"))
+
+    def _serve(self, jobs: list[_Job]) -> None:
+        try:
+            results = self._score(jobs)
+        except Exception as err:
+            if len(jobs) == 1:
+                self._fail(jobs[0], err)
+                return
+            for job in jobs:  # retry each alone, so one bad request does not fail its neighbours
+                try:
+                    self._settle(job, result=self._score([job])[0])
+                except Exception as alone:
+                    self._fail(job, alone)
+            return
+        for job, result in zip(jobs, results):
+            self._settle(job, result=result)
+
+    @staticmethod
+    def _settle(job: _Job, result: Scored | None = None, error: Exception | None = None) -> None:
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
 
     def _fail(self, job: _Job, err: Exception) -> None:
         log.error("head %s failed on a request: %s: %s", self.name, type(err).__name__, err)
-        job.future.set_exception(err)
+        self._settle(job, error=err)
 
     @torch.no_grad()
     def _score(self, jobs: list[_Job]) -> list[Scored]:

@@ -95,8 +95,10 @@ class RemoteReward(RewardHead):
     def score(self, images: torch.Tensor, prompts: list[str], meta: list[dict]) -> RewardOutput:
         items = [{"prompt": p, "meta": m or None, "image": encode_array(img, self.dtype)}
                  for img, p, m in zip(images, prompts, meta)]
-        per_image = len(json.dumps(items[0])) if items else 1
-        step = max(1, min(self.limits["max_items"], (self.limits["max_request_bytes"] - 4096) // per_image))
+        per_image = max((len(json.dumps(item)) for item in items), default=1)
+        pixels = images.shape[-1] * images.shape[-2]
+        step = max(1, min(self.limits["max_items"], (self.limits["max_request_bytes"] - 4096) // per_image,
+                          self.limits.get("max_pixels", pixels) // pixels))
         scores, extras = [], {}
         for start in range(0, len(items), step):
             try:

@@ -87,6 +87,7 @@ class Limits(BaseModel):
     max_request_bytes: int
     max_items: int
     max_side: int
+    max_pixels: int
     max_batch: int
     max_wait_ms: float
 
@@ -107,6 +108,13 @@ class RequestError(Exception):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
+
+
+class PayloadTooLarge(RequestError):
+    """A request over a size limit (413)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
 
 
 @dataclass
@@ -163,7 +171,28 @@ def decode_image(payload: PngImage | ArrayImage, where: str, max_side: int) -> t
     return image
 
 
-def decode_items(request: ScoreRequest, needs_meta: bool, max_side: int) -> list[DecodedItem]:
+def _pixels(payload: PngImage | ArrayImage, where: str) -> int:
+    """H x W of an image from its PNG header or its declared shape, without decoding it."""
+    if isinstance(payload, ArrayImage):
+        return payload.shape[0] * payload.shape[1]
+    try:
+        with Image.open(io.BytesIO(_b64(payload.png, f"{where}.png"))) as img:  # reads the header only
+            return img.width * img.height
+    except RequestError:
+        raise
+    except Exception as err:
+        raise RequestError(f"{where}.png", f"not a readable PNG ({err})") from None
+
+
+def decode_items(request: ScoreRequest, needs_meta: bool, max_side: int,
+                 max_pixels: int | None = None) -> list[DecodedItem]:
+    """The request's images as tensors and their metadata checked; with `max_pixels`, all images together may hold at
+    most that many pixels (checked on headers and shapes before anything is decoded: a small PNG can be huge)."""
+    if max_pixels is not None:
+        total = sum(_pixels(item.image, f"items[{i}].image") for i, item in enumerate(request.items))
+        if total > max_pixels:
+            raise PayloadTooLarge(f"items: the request's images hold {total} pixels together; this server takes "
+                                  f"at most {max_pixels} per request (--max-pixels): send fewer or smaller images")
     out = []
     for i, item in enumerate(request.items):
         where = f"items[{i}]"

@@ -28,8 +28,9 @@ from spatialscore import __version__
 from spatialscore.errors import SpatialScoreError
 from spatialscore.heads import RewardHead
 from spatialscore.serve.batching import HeadBatcher
-from spatialscore.serve.protocol import (ErrorResponse, HeadInfo, HeadsResponse, HealthResponse, Limits, RequestError,
-                                         ScoreItem, ScoreRequest, ScoreResponse, decode_items)
+from spatialscore.serve.protocol import (ErrorResponse, HeadInfo, HeadsResponse, HealthResponse, Limits,
+                                         PayloadTooLarge, RequestError, ScoreItem, ScoreRequest, ScoreResponse,
+                                         decode_items)
 
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
@@ -47,9 +48,10 @@ class ServeSettings:
     max_request_bytes: int = 64 * 2**20
     max_items: int = 256  # items per request
     max_side: int = 2048  # image side, pixels
+    max_pixels: int = 2**26  # all images of a request together (64 Mpx: ~0.8 GB as float32), checked before decoding
 
     def check(self) -> None:
-        for name in ("max_batch", "max_request_bytes", "max_items", "max_side"):
+        for name in ("max_batch", "max_request_bytes", "max_items", "max_side", "max_pixels"):
             if getattr(self, name) < 1:
                 raise SpatialScoreError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -226,12 +228,16 @@ def build_app(heads: dict[str, RewardHead], settings: ServeSettings):
             heads=[HeadInfo(name=name, needs_meta=heads[name].needs_meta, bounded=heads[name].bounded,
                             image_size=_image_size(heads[name])) for name in hosted],
             limits=Limits(max_request_bytes=settings.max_request_bytes, max_items=settings.max_items,
-                          max_side=settings.max_side, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms))
+                          max_side=settings.max_side, max_pixels=settings.max_pixels, max_batch=settings.max_batch,
+                          max_wait_ms=settings.max_wait_ms))
 
     async def score(request: Request_):
         head = heads[request.head]
         try:
-            items = await run_in_threadpool(decode_items, request, head.needs_meta, settings.max_side)
+            items = await run_in_threadpool(decode_items, request, head.needs_meta, settings.max_side,
+                                            settings.max_pixels)
+        except PayloadTooLarge as err:
+            return _json(413, str(err))
         except RequestError as err:
             return _json(422, str(err))
         try:

@@ -493,7 +493,7 @@ class LoraTraining:
 
         from spatialscore.train.runtime import log_ranks
 
-        in_sync = log_ranks(self.accelerator, self.model, self.log, result.get("iterations", result.get("steps", 0)))
+        in_sync = log_ranks(self.accelerator, self.model, self.out)
         full = self.accelerator.get_state_dict(self.model)  # every process calls it
         if self.main:
             fresh = load_pipeline(self.cfg, self.pipelines, self.algorithm)  # frozen weights may be partitioned too

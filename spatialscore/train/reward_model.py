@@ -229,7 +229,7 @@ def train_reward(cfg: RewardConfig, out: Path, resume: str | None = None, deepsp
             save(done)
     bar.close()
     save(t.steps, out / "final")
-    in_sync = log_ranks(accelerator, model, log, t.steps)
+    in_sync = log_ranks(accelerator, model, out)
     log.close()
     shutdown(accelerator, model, optimizer)
     return {"out": str(out), "steps": t.steps, "world_size": world, "weights_in_sync": in_sync,

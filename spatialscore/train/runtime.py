@@ -83,21 +83,24 @@ def shutdown(accelerator, *objects) -> None:
 
 def ranks_report(accelerator, model) -> list[dict]:
     """Every process's (rank, node, pid, SHA-256 of its trainable weights), gathered on all processes: evidence that
-    each rank took part and that the replicas ended identical (ZeRO-3 shards are gathered for the hash). Sent as
-    integer tensors, never pickled."""
+    each rank took part and that the replicas ended identical. Under ZeRO the full weights are all-gathered from the
+    partitions by construction (ZeRO-3's are gathered a parameter at a time for the hash), so agreement is guaranteed
+    there and the check has teeth for DDP. Sent as integer tensors, never pickled."""
     import hashlib
     import socket
 
     params = [p for p in model.parameters() if p.requires_grad]
-    gather = contextlib.nullcontext()
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    gathered = contextlib.nullcontext
+    if plugin is not None and plugin.zero_stage == 3:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(params)
+        gathered = lambda p: deepspeed.zero.GatheredParameters([p])  # noqa: E731  (one at a time: bounded memory)
     digest = hashlib.sha256()
-    with gather, torch.no_grad():
+    with torch.no_grad():
         for p in params:
-            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            with gathered(p):
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "big")
     node = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
     mine = torch.tensor([accelerator.process_index, node, os.getpid(), host, *digest.digest()], dtype=torch.int64)
@@ -106,13 +109,16 @@ def ranks_report(accelerator, model) -> list[dict]:
             for r in rows]
 
 
-def log_ranks(accelerator, model, log: "MetricLog", step: int) -> bool:
-    """ranks_report into the metric log; whether all replicas hold the same weights (a warning if not)."""
+def log_ranks(accelerator, model, out: Path) -> bool:
+    """ranks_report written to `<out>/ranks.json` by the main process; whether all replicas hold the same weights (a
+    warning if not). Under ZeRO the replicas are all-gathered by construction, so the check has teeth for DDP."""
     ranks = ranks_report(accelerator, model)
     in_sync = len({r["weights_sha256"] for r in ranks}) == 1
-    log.log(step, {"ranks": ranks, "weights_in_sync": in_sync})
-    if not in_sync and accelerator.is_main_process:
-        print(f"warning: the {len(ranks)} processes ended with different weights: {ranks}", file=sys.stderr)
+    if accelerator.is_main_process:
+        atomic_write_text(Path(out) / "ranks.json", json.dumps({"weights_in_sync": in_sync, "ranks": ranks},
+                                                               indent=2) + "\n")
+        if not in_sync:
+            print(f"warning: the {len(ranks)} processes ended with different weights: {ranks}", file=sys.stderr)
     return in_sync
 
 
@@ -337,14 +343,15 @@ class MetricLog:
             ids = Path(run_dir) / "wandb-run.json"
             known = json.loads(ids.read_text()) if resumed and ids.is_file() else {}
             name = settings.get("name") or Path(run_dir).resolve().name
+            mode = settings.get("mode") or os.environ.get("WANDB_MODE") or "offline"
             self.wandb = wandb.init(project=settings.get("project", "spatialscore"),
                                     entity=settings.get("entity") or None, name=name,
-                                    tags=list(settings.get("tags") or []), mode=settings.get("mode", "offline"),
+                                    tags=list(settings.get("tags") or []), mode=mode,
                                     dir=str(run_dir), config=config, id=known.get("id"),
                                     resume="allow" if known else None, reinit="finish_previous")
             atomic_write_text(ids, json.dumps({"id": self.wandb.id, "name": name,
                                                "project": settings.get("project", "spatialscore"),
-                                               "mode": settings.get("mode", "offline")}, indent=2) + "\n")
+                                               "mode": mode}, indent=2) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
