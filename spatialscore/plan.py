@@ -54,8 +54,8 @@ import torch
 from torch import nn
 
 from spatialscore.errors import SpatialScoreError
+from spatialscore.launch import PRESETS  # in order of cost: the first that fits is recommended
 
-PRESETS = ("single", "ddp", "zero2", "zero3", "zero3-offload")
 GIB = 2 ** 30
 CUDA_CONTEXT_GIB = 2.0  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces and allocator fragmentation
 TRANSIENT_SHARE = 0.25  # tensors alive in backward beyond the saved ones (benchmarks/plan_accuracy.py: every

@@ -336,6 +336,7 @@ class MetricLog:
 
     def __init__(self, run_dir: Path, config: dict, report_to: str, enabled: bool = True, resumed: bool = False):
         self.path, self.enabled, self.wandb = Path(run_dir) / "metrics.jsonl", enabled, None
+        self.wandb_step = -1
         if enabled and report_to == "wandb":
             import wandb
 
@@ -349,6 +350,7 @@ class MetricLog:
                                     tags=list(settings.get("tags") or []), mode=mode,
                                     dir=str(run_dir), config=config, id=known.get("id"),
                                     resume="allow" if known else None, reinit="finish_previous")
+            self.wandb_step = self.wandb.step - 1 if known else -1  # the next step a resumed run may log
             atomic_write_text(ids, json.dumps({"id": self.wandb.id, "name": name,
                                                "project": settings.get("project", "spatialscore"),
                                                "mode": mode}, indent=2) + "\n")
@@ -359,7 +361,11 @@ class MetricLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
+            if step <= self.wandb_step:  # a resumed run's first row repeats its checkpoint's step: wandb would drop it
+                self.wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                return
             self.wandb.log(metrics, step=step)
+            self.wandb_step = step
 
     def close(self) -> None:
         if self.wandb is not None:
